@@ -1,0 +1,165 @@
+"""Content-addressed checkpoint cache, stored safely.
+
+A checkpoint's key is a hash of everything that determines it (model card and options, dataset and split,
+training recipe, training-time defense, seed). Weights are stored as safetensors (tensors only: loading
+never unpickles anything), with a JSON sidecar holding the spec and the SHA-256 of the weight file; a file
+whose hash does not match is reported and rebuilt, never used. Writes are atomic (temporary file +
+``os.replace``) and training of one key is serialized by a file lock, so parallel jobs share checkpoints
+without corrupting them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from filelock import FileLock
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def content_key(spec: dict[str, Any]) -> str:
+    return hashlib.sha256(canonical_json(spec).encode()).hexdigest()[:20]
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint's tensors do not fit the model it is loaded into."""
+
+
+def save_weights(module: nn.Module, path: Path, metadata: dict[str, str] | None = None) -> str:
+    """Save ``module``'s state dict as safetensors, atomically. Returns the file's SHA-256."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(sd, tmp, metadata=metadata)
+        digest = sha256_file(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return digest
+
+
+def load_weights(module: nn.Module, path: Path, what: str = "checkpoint") -> None:
+    """Load weights into ``module`` strictly. Accepts safetensors, or a torch file loaded weights-only."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    if path.suffix == ".safetensors":
+        sd = load_file(str(path))
+    else:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # weights_only refuses arbitrary objects
+            raise CheckpointMismatchError(f"{what} {path} could not be loaded safely (weights only): {e}") from e
+        if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+            sd = sd["state_dict"]
+        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise CheckpointMismatchError(f"{what} {path} is not a state dict (a mapping of names to tensors)")
+    own = module.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    bad_shapes = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or bad_shapes:
+        raise CheckpointMismatchError(
+            f"{what} {path} does not match the model: missing keys {missing[:5]}, unexpected keys "
+            f"{unexpected[:5]}, shape mismatches {bad_shapes[:5]}")
+    module.load_state_dict(sd, strict=True)
+
+
+class CheckpointCache:
+    """``<dir>/<key>.safetensors`` + ``<dir>/<key>.json`` (spec, sha256, extra info such as accuracy)."""
+
+    def __init__(self, directory: str | os.PathLike) -> None:
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def weights_path(self, key: str) -> Path:
+        return self.dir / f"{key}.safetensors"
+
+    def meta_path(self, key: str) -> Path:
+        return self.dir / f"{key}.json"
+
+    @contextlib.contextmanager
+    def lock(self, key: str) -> Iterator[None]:
+        with FileLock(str(self.dir / f"{key}.lock")):
+            yield
+
+    def meta(self, key: str) -> dict[str, Any] | None:
+        p = self.meta_path(key)
+        if not p.is_file():
+            return None
+        try:
+            return json.loads(p.read_text())
+        except json.JSONDecodeError:
+            return None
+
+    def load(self, key: str, module: nn.Module) -> dict[str, Any] | None:
+        """Load entry ``key`` into ``module``; None when absent or corrupted (a corrupted entry is removed)."""
+        meta, wp = self.meta(key), self.weights_path(key)
+        if meta is None or not wp.is_file():
+            return None
+        digest = sha256_file(wp)
+        if digest != meta.get("sha256"):
+            log.warning("checkpoint cache entry %s is corrupted (sha256 %s, expected %s); rebuilding it",
+                        wp, digest[:12], str(meta.get("sha256"))[:12])
+            self.remove(key)
+            return None
+        load_weights(module, wp, what=f"cached checkpoint {key}")
+        return meta
+
+    def save(self, key: str, module: nn.Module, spec: dict[str, Any], extra: dict[str, Any] | None = None) -> Path:
+        wp = self.weights_path(key)
+        digest = save_weights(module, wp, metadata={"key": key})
+        meta = {"key": key, "spec": spec, "sha256": digest, **(extra or {})}
+        atomic_write_text(self.meta_path(key), json.dumps(meta, indent=2, sort_keys=True, default=str))
+        return wp
+
+    def remove(self, key: str) -> None:
+        for p in (self.weights_path(key), self.meta_path(key)):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()

@@ -1,0 +1,52 @@
+"""Hydra callbacks: aggregate a multirun into one comparison when it ends."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+
+
+class AggregateOnMultirunEnd(Callback):
+    """Writes comparison.csv/.md/.tex and plots into the sweep directory after the last job."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from .report import aggregate, collect
+
+        sweep_dir = Path(config.hydra.sweep.dir)
+        if not sweep_dir.exists():
+            return
+        written = aggregate([sweep_dir], sweep_dir)
+        _, failed = collect([sweep_dir])
+        log.info("sweep comparison: %s", written["md"])
+        print(f"sweep comparison written to {written['md']}")
+        self._log_to_wandb(config, sweep_dir, written)
+        if len(failed):
+            log.error("%d cell(s) failed; see %s (re-launch the same sweep to re-run only those)",
+                      len(failed), written["md"])
+
+    @staticmethod
+    def _log_to_wandb(config: DictConfig, sweep_dir: Path, written: dict) -> None:
+        """The sweep's comparison as its own W&B run (job_type 'comparison', same group as the jobs)."""
+        lg = config.get("logger")
+        if lg is None or lg.get("name") != "wandb":
+            return
+        import pandas as pd
+
+        from .tracking import WandbTracker
+        t = WandbTracker(project=lg.get("project", "robustbench_lab"), mode=lg.get("mode", "offline"),
+                         entity=lg.get("entity"), tags=list(lg.get("tags") or []))
+        t.start(config={"sweep_dir": str(sweep_dir)}, run_dir=sweep_dir, name=f"comparison-{sweep_dir.name}",
+                group=lg.get("group") or sweep_dir.name, tags=["comparison"], job_type="comparison")
+        try:
+            t.log_table("comparison", pd.read_csv(written["csv"]))
+            for key, p in written.items():
+                if str(p).endswith(".png"):
+                    t.log_image(key, p)
+        finally:
+            t.finish(0)

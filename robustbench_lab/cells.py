@@ -1,0 +1,91 @@
+"""Resumable sweep cells.
+
+Each run is keyed by a hash of its resolved config minus the fields that cannot change its results (paths,
+logger, progress bars, Hydra's own settings). Finished cells are stored, complete or not at all, in a
+content-addressed store (``paths.cells_dir``); a re-launched sweep finds them there and copies their results
+into the new job directory instead of recomputing them. Failed and missing cells simply run again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+from omegaconf import DictConfig, OmegaConf
+
+from .cache import canonical_json, content_key
+from .results import METRICS_FILE
+
+# Top-level keys that never change a run's numbers.
+IRRELEVANT = ("paths", "logger", "progress", "hydra", "resume", "num_threads")
+RESULT_FILES = ("metrics.json", "per_example.parquet", "per_example.csv", "summary.md", "examples.png",
+                "eval_indices.json", "robust_accuracy_curve.csv", "robust_accuracy_curve.png")
+
+
+def relevant_config(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
+    d = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+    assert isinstance(d, dict)
+    out = {k: v for k, v in d.items() if k not in IRRELEVANT}
+    data = dict(out.get("data") or {})
+    data.pop("root", None)       # where the files are does not change them
+    data.pop("download", None)
+    out["data"] = data
+    return out
+
+
+def cell_key(cfg: DictConfig | dict[str, Any]) -> str:
+    return content_key(relevant_config(cfg))
+
+
+class CellStore:
+    def __init__(self, directory: str | os.PathLike) -> None:
+        self.dir = Path(directory)
+
+    def path(self, key: str) -> Path:
+        return self.dir / key
+
+    def done(self, key: str) -> bool:
+        return (self.path(key) / METRICS_FILE).is_file()
+
+    def put(self, key: str, run_dir: Path, cfg: DictConfig | dict[str, Any]) -> Path:
+        """Copy a finished run's results into the store, atomically (a complete folder or nothing)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        dst = self.path(key)
+        with FileLock(str(self.dir / f"{key}.lock")):
+            if self.done(key):
+                return dst
+            tmp = Path(tempfile.mkdtemp(dir=self.dir, prefix=f".{key}."))
+            try:
+                for name in RESULT_FILES:
+                    if (run_dir / name).is_file() and name != METRICS_FILE:
+                        shutil.copy2(run_dir / name, tmp / name)
+                (tmp / "cell_config.json").write_text(canonical_json(relevant_config(cfg)))
+                shutil.copy2(run_dir / METRICS_FILE, tmp / METRICS_FILE)
+                if dst.exists():
+                    shutil.rmtree(dst)
+                os.replace(tmp, dst)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        return dst
+
+    def restore(self, key: str, run_dir: Path) -> dict[str, Any]:
+        """Copy a stored cell's results into ``run_dir`` (metrics.json last). Returns its metrics."""
+        src = self.path(key)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for name in RESULT_FILES:
+            if (src / name).is_file() and name != METRICS_FILE:
+                shutil.copy2(src / name, run_dir / name)
+        metrics = json.loads((src / METRICS_FILE).read_text())
+        metrics["restored_from_cell"] = str(src)
+        from .cache import atomic_write_text
+        atomic_write_text(run_dir / METRICS_FILE, json.dumps(metrics, indent=2, sort_keys=True))
+        with contextlib.suppress(FileNotFoundError):
+            (run_dir / "failed.json").unlink()
+        return metrics

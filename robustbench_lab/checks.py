@@ -1,0 +1,206 @@
+"""Evaluation-sanity checks, applied to every run (``checks=quick|full|none``).
+
+The field's checklist (Carlini et al. 2019, "On Evaluating Adversarial Robustness"; AutoAttack's flags),
+automated. Each check has a name, a documentation page ``docs/checks/<name>.md`` ("raised when / what it
+means / what to do"), a value recorded in ``metrics.json`` under ``checks``, and a visible warning when it
+fires. Checks that need extra attacks run them at a small budget on a subset of the evaluated points; the
+extra attacks are built from the same attack configs as everything else (``conf/attack``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from torch import nn
+
+from .attack_base import FIXED_EPS, Attack
+from .errors import ConfigError
+from .model import eval_frozen, predict
+from .norms import Norm, l2, linf
+
+log = logging.getLogger(__name__)
+
+LEVELS = ("none", "quick", "full")
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+DOCS = "docs/checks"
+
+BUDGETS = {  # points checked, square queries, attack-step multiplier
+    "quick": {"n": 64, "square_queries": 200, "steps": 10},
+    "full": {"n": 500, "square_queries": 2000, "steps": 50},
+}
+
+LARGE_EPS = {Norm.LINF: 0.5, Norm.L2: None}   # L2: set from the input dimension (see eps_monotonicity)
+
+
+@dataclasses.dataclass
+class CheckResult:
+    name: str
+    fired: bool
+    value: Any
+    message: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"fired": self.fired, "value": self.value, "message": self.message,
+                "doc": f"{DOCS}/{self.name}.md"}
+
+
+def _attack(name: str, norm: Norm, **over: Any) -> Attack:
+    from .app import build_attack
+    node = OmegaConf.load(CONF_DIR / "attack" / f"{name}.yaml")
+    node.norm = norm.value
+    node.eps = 0.0            # placeholder: the epsilon is passed at call time
+    for k, v in over.items():
+        node[k] = v
+    atk, _ = build_attack(node, key=f"checks.{name}")
+    return atk
+
+
+def _robust(model: nn.Module, atk: Attack, x: torch.Tensor, y: torch.Tensor, eps: float,
+            gen: torch.Generator, bs: int) -> torch.Tensor:
+    """Per-example robustness (clean-correct and not fooled) of ``x`` under ``atk`` at ``eps``."""
+    ok = predict(model, x) == y
+    out = ok.clone()
+    idx = ok.nonzero().squeeze(1)
+    for i in range(0, idx.numel(), bs):
+        b = idx[i:i + bs]
+        out[b] = ~atk(model, x[b], y[b], eps=eps, generator=gen).success
+    return out
+
+
+def zero_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threshold: float = 0.01) -> CheckResult:
+    with eval_frozen(model, warn_train=False):
+        xg = x.clone().requires_grad_(True)
+        loss = F.cross_entropy(model(xg), y, reduction="sum")
+        (g,) = torch.autograd.grad(loss, xg)
+    gn = l2(g)
+    frac = float((gn <= 1e-12).float().mean())
+    return CheckResult("zero_gradients", frac > threshold, {"fraction_zero": frac, "median_grad_norm": float(gn.median())},
+                       f"{100 * frac:.1f}% of clean points have an exactly zero input gradient" if frac > threshold
+                       else f"input gradients are non-zero on {100 * (1 - frac):.1f}% of clean points")
+
+
+def softmax_output(model: nn.Module, x: torch.Tensor) -> CheckResult:
+    with torch.no_grad(), eval_frozen(model, warn_train=False):
+        z = model(x)
+    probs_like = bool((z >= -1e-6).all() and (z <= 1 + 1e-6).all() and
+                      torch.allclose(z.sum(1), torch.ones(z.shape[0], device=z.device), atol=1e-4))
+    return CheckResult("softmax_output", probs_like, {"min": float(z.min()), "max": float(z.max()),
+                                                      "row_sum_mean": float(z.sum(1).mean())},
+                       "the model returns probabilities (rows in [0,1] summing to 1), not logits" if probs_like
+                       else "the model returns logits")
+
+
+def randomized_output(model: nn.Module, x: torch.Tensor, repeats: int = 3) -> CheckResult:
+    with torch.no_grad(), eval_frozen(model, warn_train=False):
+        outs = [model(x) for _ in range(repeats)]
+    diff = max(float((o - outs[0]).abs().max()) for o in outs[1:])
+    fired = diff > 1e-5
+    return CheckResult("randomized_output", fired, {"max_abs_diff": diff},
+                       f"repeated forward passes disagree (max |diff| {diff:.3g}): the model is randomized" if fired
+                       else "repeated forward passes agree")
+
+
+def audit(x: torch.Tensor, x_adv: torch.Tensor, norm: Norm, eps: float | None, n_nan: int,
+          is_fixed_eps: bool) -> CheckResult:
+    d = x_adv - x
+    v = {"max_linf": float(linf(d).max()) if d.numel() else 0.0, "max_l2": float(l2(d).max()) if d.numel() else 0.0,
+         "nan_count": int(n_nan), "min_value": float(x_adv.min()) if d.numel() else 0.0,
+         "max_value": float(x_adv.max()) if d.numel() else 0.0}
+    over = eps is not None and is_fixed_eps and (v["max_linf" if norm is Norm.LINF else "max_l2"] > eps * (1 + 1e-5) + 1e-6)
+    box = v["min_value"] < 0 or v["max_value"] > 1
+    fired = bool(over or box or n_nan)
+    msg = (f"max perturbation: L-inf {v['max_linf']:.4g}, L2 {v['max_l2']:.4g}; NaN: {n_nan}; adversarial "
+           f"values in [{v['min_value']:.3g}, {v['max_value']:.3g}]")
+    return CheckResult("audit", fired, v, msg)
+
+
+def run_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Sequence[Attack], eps: float | None,
+               main_robust: torch.Tensor, x_adv: torch.Tensor, n_nan: int, level: str,
+               generator: torch.Generator, batch_size: int = 500) -> list[CheckResult]:
+    """Run the checks at ``level`` on the evaluated points ``x`` (N, C, H, W), ``y`` (N,).
+
+    ``main_robust`` is the evaluation's robust mask, ``x_adv`` its worst-case adversarial batch.
+    """
+    if level not in LEVELS:
+        raise ConfigError("checks", level, LEVELS)
+    norm = attacks[0].norm
+    results = [audit(x, x_adv, norm, eps, n_nan, all(a.family == FIXED_EPS for a in attacks))]
+    if level == "none":
+        return results
+    b = BUDGETS[level]
+    n = min(b["n"], x.shape[0])
+    xs, ys, rob = x[:n], y[:n], main_robust[:n]
+    results += [zero_gradients(model, xs, ys), softmax_output(model, xs), randomized_output(model, xs)]
+    if eps is None or eps == 0:
+        return results
+    main_ra = float(rob.float().mean())
+    bs = batch_size
+    # iterative vs single step
+    fgsm_rob = _robust(model, _attack("fgsm", norm), xs, ys, eps, generator, bs)
+    pgd = _attack("pgd", norm, steps=b["steps"])
+    pgd_rob = _robust(model, pgd, xs, ys, eps, generator, bs)
+    fgsm_ra, pgd_ra = float(fgsm_rob.float().mean()), float(pgd_rob.float().mean())
+    fired = fgsm_ra < pgd_ra - 0.01 or fgsm_ra < main_ra - 0.01
+    results.append(CheckResult("single_step_stronger", fired,
+                               {"fgsm": fgsm_ra, "pgd": pgd_ra, "main": main_ra},
+                               f"robust accuracy on {n} points: FGSM {fgsm_ra:.3f}, PGD-{b['steps']} {pgd_ra:.3f}, "
+                               f"run's attacks {main_ra:.3f}"))
+    # convergence: more steps and restarts
+    pgd_more = _attack("pgd", norm, steps=2 * b["steps"], restarts=2)
+    more_ra = float(_robust(model, pgd_more, xs, ys, eps, generator, bs).float().mean())
+    fired = more_ra < min(pgd_ra, main_ra) - 0.02
+    results.append(CheckResult("not_converged", fired, {"pgd": pgd_ra, "pgd_2x_steps_2_restarts": more_ra, "main": main_ra},
+                               f"PGD with 2x steps and 2 restarts: {more_ra:.3f} vs {min(pgd_ra, main_ra):.3f}"))
+    # black box
+    square = _attack("square", norm, n_queries=b["square_queries"])
+    sq_ra = float(_robust(model, square, xs, ys, eps, generator, bs).float().mean())
+    white = min(pgd_ra, main_ra, more_ra)
+    fired = sq_ra < white - 0.01
+    results.append(CheckResult("blackbox_stronger", fired, {"square": sq_ra, "white_box": white},
+                               f"Square ({b['square_queries']} queries) {sq_ra:.3f} vs best white-box {white:.3f}"))
+    # transfer from the undefended model, when there is one
+    source = getattr(model, "undefended", None)
+    if source is not None:
+        tr_rob = rob.clone()
+        ok = predict(model, xs) == ys
+        idx = ok.nonzero().squeeze(1)
+        for i in range(0, idx.numel(), bs):
+            bb = idx[i:i + bs]
+            res = pgd(source, xs[bb], ys[bb], eps=eps, generator=generator)
+            tr_rob[bb] = predict(model, res.x_adv) == ys[bb]
+        tr_rob &= ok
+        tr_ra = float(tr_rob.float().mean())
+        results.append(CheckResult("transfer_stronger", tr_ra < white - 0.01, {"transfer": tr_ra, "white_box": white},
+                                   f"PGD crafted on the undefended model: {tr_ra:.3f} vs white-box {white:.3f}"))
+    # monotonicity in epsilon and reaching zero
+    large = LARGE_EPS[norm] if norm is Norm.LINF else 0.5 * float(xs[0].numel()) ** 0.5
+    grid = sorted({eps * f for f in (0.5, 1.0, 2.0)} | {large})
+    ras = [float(_robust(model, _attack("pgd", norm, steps=b["steps"]), xs, ys, e, generator, bs).float().mean())
+           for e in grid]
+    nonmono = any(ras[i + 1] > ras[i] + 0.02 for i in range(len(ras) - 1))
+    not_zero = ras[-1] > 0.05
+    results.append(CheckResult("eps_monotonicity", nonmono or not_zero, {"eps": grid, "robust_accuracy": ras},
+                               f"PGD robust accuracy at eps {[round(e, 4) for e in grid]}: {[round(r, 3) for r in ras]}"
+                               + ("; not decreasing" if nonmono else "") +
+                               (f"; not ~0 at eps {large:.3g}" if not_zero else "")))
+    return results
+
+
+def report(results: Sequence[CheckResult]) -> dict[str, Any]:
+    """Record for metrics.json, and visible warnings for fired checks."""
+    for r in results:
+        if r.fired:
+            msg = f"sanity check '{r.name}' fired: {r.message} (see {DOCS}/{r.name}.md)"
+            log.warning(msg)
+            warnings.warn(msg, stacklevel=2)
+    audit_line = next((r.message for r in results if r.name == "audit"), "")
+    log.info("audit: %s", audit_line)
+    return {"checks": {r.name: r.as_dict() for r in results},
+            "checks_fired": [r.name for r in results if r.fired], "audit": audit_line}

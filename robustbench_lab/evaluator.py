@@ -1,0 +1,151 @@
+"""The evaluator owns the robust mask: the cascade over attacks and the per-example worst case.
+
+A point is robust only if it is classified correctly and every attack fails on it (RobustBench/AutoAttack).
+Each attack runs only on the points still robust; robust accuracy is over all evaluated points.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from .attack_base import MINIMIZATION, Attack, AttackResult
+from .model import predict
+from .norms import l2, linf
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Evaluation:
+    """Per-example table (one row per example x attack) and the worst-case adversarial batch."""
+
+    table: pd.DataFrame
+    x_adv: torch.Tensor            # per example: the first successful adversarial, else the clean input
+    clean_pred: torch.Tensor
+    robust: torch.Tensor           # (N,) bool, the final robust mask
+    attack_seconds: dict[str, float]
+    attack_counts: dict[str, dict[str, int]]
+    n_nan: int
+
+    def per_example(self) -> pd.DataFrame:
+        """One row per example: the worst case over attacks."""
+        t = self.table
+        first = t[t["success"]].drop_duplicates("index", keep="first").set_index("index")
+        base = t.drop_duplicates("index", keep="first").set_index("index")[["label", "clean_pred", "clean_correct"]]
+        out = base.copy()
+        out["robust"] = self.robust.cpu().numpy()
+        out["broken_by"] = first["attack"].reindex(out.index)
+        for c in ("adv_pred", "l2", "linf", "rel_l2", "rel_linf"):
+            out[c] = first[c].reindex(out.index)
+        return out.reset_index()
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Sequence[Attack],
+             eps: float | None, generator: torch.Generator, batch_size: int = 500,
+             indices: Sequence[int] | None = None) -> Evaluation:
+    """Run ``attacks`` as a cascade on ``x`` (N, C, H, W) in [0, 1], labels ``y`` (N,).
+
+    ``indices`` are the examples' ids in the source dataset (recorded in the table). A minimization attack
+    called with ``eps=None`` is scored on misclassification alone (its norms then give the whole
+    robust-accuracy-vs-epsilon curve).
+    """
+    n = x.shape[0]
+    dev = x.device
+    ids = np.asarray(indices if indices is not None else range(n))
+    clean_pred = predict(model, x, batch_size)
+    clean_correct = clean_pred == y
+    robust = clean_correct.clone()
+    x_worst = x.clone()
+    x_norm_l2 = l2(x).clamp_min(1e-12)
+    x_norm_linf = linf(x).clamp_min(1e-12)
+    frames = []
+    seconds: dict[str, float] = {}
+    counts: dict[str, dict[str, int]] = {}
+    n_nan = 0
+    for atk in attacks:
+        todo = robust.nonzero().squeeze(1)
+        cols = {k: np.full(n, np.nan) for k in ("l2", "linf", "rel_l2", "rel_linf")}
+        attacked = np.zeros(n, bool)
+        success = np.zeros(n, bool)
+        adv_pred = clean_pred.cpu().numpy().copy()
+        t0 = time.perf_counter()
+        nf = nb = 0
+        for i in range(0, todo.numel(), batch_size):
+            b = todo[i:i + batch_size]
+            res: AttackResult = atk(model, x[b], y[b], eps=eps, generator=generator)
+            nf += res.n_forward
+            nb += res.n_backward
+            n_nan += res.n_nan
+            bi = b.cpu().numpy()
+            attacked[bi] = True
+            s = res.success
+            success[bi] = s.cpu().numpy()
+            adv_pred[bi] = res.adv_pred.cpu().numpy()
+            cols["l2"][bi] = res.l2.cpu().numpy()
+            cols["linf"][bi] = res.linf.cpu().numpy()
+            cols["rel_l2"][bi] = (res.l2 / x_norm_l2[b]).cpu().numpy()
+            cols["rel_linf"][bi] = (res.linf / x_norm_linf[b]).cpu().numpy()
+            x_worst[b[s]] = res.x_adv[s]
+            robust[b[s]] = False
+        seconds[atk.name] = time.perf_counter() - t0
+        counts[atk.name] = {"forward": nf, "backward": nb, "attacked": int(attacked.sum())}
+        frames.append(pd.DataFrame({
+            "index": ids, "label": y.cpu().numpy(), "clean_pred": clean_pred.cpu().numpy(),
+            "clean_correct": clean_correct.cpu().numpy(), "attack": atk.name, "family": atk.family,
+            "norm": atk.norm.value, "attacked": attacked, "adv_pred": adv_pred, "success": success, **cols,
+        }))
+        log.info("%s: attacked %d points, %d broken, %.1fs", atk.name, int(attacked.sum()), int(success.sum()),
+                 seconds[atk.name])
+    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    return Evaluation(table, x_worst, clean_pred, robust, seconds, counts, n_nan)
+
+
+def robust_accuracy_curve(norms_if_fooled: np.ndarray, clean_correct: np.ndarray,
+                          eps_grid: Sequence[float]) -> pd.DataFrame:
+    """Robust accuracy at every epsilon from per-example minimal norms (1 - CDF), over all points.
+
+    ``norms_if_fooled`` holds each example's minimal adversarial norm, +inf where no adversarial was found
+    (and for clean-misclassified points it is irrelevant: they count as non-robust at every epsilon).
+    """
+    norms = np.where(clean_correct, norms_if_fooled, -np.inf)
+    rows = [{"eps": float(e), "robust_accuracy": float(np.mean(norms > e * (1 + 1e-6) + 1e-7))} for e in eps_grid]
+    return pd.DataFrame(rows)
+
+
+def summarize(ev: Evaluation, attacks: Sequence[Attack], eps: float | None) -> dict[str, Any]:
+    """The headline metrics of an evaluation (see docs/metrics.md for definitions)."""
+    n = int(ev.robust.numel())
+    cc = ev.table.drop_duplicates("index")["clean_correct"].to_numpy()
+    pe = ev.per_example()
+    broken = pe[pe["broken_by"].notna()]
+    n_cc = int(cc.sum())
+    grads = sum(c["backward"] for c in ev.attack_counts.values())
+    fwds = sum(c["forward"] for c in ev.attack_counts.values())
+    n_attacked = max((c["attacked"] for c in ev.attack_counts.values()), default=0)
+    rel_paper = np.zeros(n)
+    broken_pos = pe.index[pe["broken_by"].notna()].to_numpy()
+    rel_paper[broken_pos] = pe.loc[broken_pos, "rel_l2"].to_numpy()
+    return {
+        "n_examples": n,
+        "clean_accuracy": float(cc.mean()) if n else float("nan"),
+        "robust_accuracy": float(ev.robust.float().mean()) if n else float("nan"),
+        "attack_success_rate": float(len(broken) / n_cc) if n_cc else float("nan"),
+        "median_l2": float(broken["l2"].median()) if len(broken) else float("nan"),
+        "median_linf": float(broken["linf"].median()) if len(broken) else float("nan"),
+        "mean_l2": float(broken["l2"].mean()) if len(broken) else float("nan"),
+        "mean_linf": float(broken["linf"].mean()) if len(broken) else float("nan"),
+        "mean_rel_l2": float(broken["rel_l2"].mean()) if len(broken) else float("nan"),
+        "mean_rel_linf": float(broken["rel_linf"].mean()) if len(broken) else float("nan"),
+        "grad_evals_per_example": float(grads / n_attacked) if n_attacked else 0.0,
+        "forward_evals_per_example": float(fwds / n_attacked) if n_attacked else 0.0,
+        "attack_seconds": float(sum(ev.attack_seconds.values())),
+        "nan_count": int(ev.n_nan),
+    }

@@ -1,0 +1,212 @@
+"""Aggregate run directories into one comparison: ``python -m robustbench_lab.report <dirs...> [--out DIR]``.
+
+Finds every ``metrics.json`` (a finished cell) and ``failed.json`` (a failed one) below the given folders and
+writes ``comparison.csv`` (one row per cell), ``comparison_summary.csv`` / ``.md`` / ``.tex`` (mean over seeds
+with a 95% confidence interval), and plots: robust accuracy vs epsilon per attack x defense, the clean vs
+robust trade-off, attack cost vs perturbation size, and the per-seed spread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from .cache import atomic_write_text
+from .results import METRICS_FILE
+
+log = logging.getLogger(__name__)
+
+GROUP = ["dataset", "model", "defense", "attack", "norm", "eps"]
+VALUES = ["clean_accuracy", "robust_accuracy", "attack_success_rate", "median_l2", "median_linf",
+          "mean_rel_l2", "grad_evals_per_example", "attack_seconds", "seconds"]
+
+
+def collect(dirs: Iterable[str | Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(finished cells, failed cells) below ``dirs``. A directory is counted once even if listed twice."""
+    rows, failed, seen = [], [], set()
+    for d in dirs:
+        d = Path(d)
+        if not d.exists():
+            raise FileNotFoundError(f"no such run directory: {d}")
+        for p in sorted(d.rglob(METRICS_FILE)):
+            if ".staging" in p.parts or "wandb" in p.parts or p.resolve() in seen:
+                continue
+            seen.add(p.resolve())
+            m = json.loads(p.read_text())
+            rows.append({**{k: v for k, v in m.items() if not isinstance(v, (dict, list))}, "run_dir": str(p.parent)})
+        for p in sorted(d.rglob("failed.json")):
+            if (p.parent / METRICS_FILE).exists():
+                continue
+            f = json.loads(p.read_text())
+            failed.append({"run_dir": str(p.parent), "error": f.get("error", ""), "overrides": f.get("overrides", "")})
+    df = pd.DataFrame(rows)
+    if len(df) and "eps" in df:
+        df["eps"] = pd.to_numeric(df["eps"], errors="coerce")
+    return df, pd.DataFrame(failed, columns=["run_dir", "error", "overrides"])
+
+
+def summarize(df: pd.DataFrame) -> pd.DataFrame:
+    """Mean over seeds with a 95% t-interval half-width per (dataset, model, defense, attack, norm, eps)."""
+    if df.empty:
+        return pd.DataFrame()
+    from scipy import stats
+    keys = [k for k in GROUP if k in df]
+    vals = [v for v in VALUES if v in df]
+    out = []
+    for key, g in df.groupby(keys, dropna=False, sort=True):
+        row = dict(zip(keys, key if isinstance(key, tuple) else (key,)))
+        row["n_seeds"] = int(g["seed"].nunique()) if "seed" in g else len(g)
+        for v in vals:
+            x = pd.to_numeric(g[v], errors="coerce").dropna().to_numpy()
+            row[v] = float(x.mean()) if x.size else float("nan")
+            if x.size > 1:
+                row[v + "_ci95"] = float(stats.t.ppf(0.975, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size))
+            else:
+                row[v + "_ci95"] = float("nan")
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return "" if math.isnan(v) else f"{v:.4g}"
+    return str(v)
+
+
+def to_markdown(df: pd.DataFrame) -> str:
+    cols = list(df.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for _, r in df.iterrows():
+        lines.append("| " + " | ".join(_fmt(r[c]) for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def to_latex(df: pd.DataFrame) -> str:
+    esc = lambda s: str(s).replace("_", r"\_").replace("%", r"\%").replace("&", r"\&")  # noqa: E731
+    cols = list(df.columns)
+    lines = [r"\begin{tabular}{" + "l" * len(cols) + "}", r"\toprule",
+             " & ".join(esc(c) for c in cols) + r" \\", r"\midrule"]
+    for _, r in df.iterrows():
+        lines.append(" & ".join(esc(_fmt(r[c])) for c in cols) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+def _plots(df: pd.DataFrame, summ: pd.DataFrame, out: Path) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    # robust accuracy vs epsilon per attack x defense
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for (atk, dfn, norm), g in summ.groupby(["attack", "defense", "norm"], dropna=False):
+        g = g.sort_values("eps")
+        ax.errorbar(g["eps"], g["robust_accuracy"], yerr=g["robust_accuracy_ci95"].fillna(0), marker="o", ms=3,
+                    capsize=2, label=f"{atk} / {dfn} ({norm})")
+    ax.set_xlabel("epsilon")
+    ax.set_ylabel("robust accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    made.append(out / "robust_vs_eps.png")
+    fig.savefig(made[-1], dpi=110)
+    plt.close(fig)
+    # clean vs robust trade-off
+    fig, ax = plt.subplots(figsize=(4.8, 3.8))
+    for (dfn, atk), g in summ.groupby(["defense", "attack"], dropna=False):
+        ax.scatter(g["clean_accuracy"], g["robust_accuracy"], label=f"{dfn} / {atk}", s=18)
+    ax.set_xlabel("clean accuracy")
+    ax.set_ylabel("robust accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    made.append(out / "clean_vs_robust.png")
+    fig.savefig(made[-1], dpi=110)
+    plt.close(fig)
+    # attack cost vs perturbation size
+    fig, ax = plt.subplots(figsize=(4.8, 3.8))
+    for atk, g in summ.groupby("attack"):
+        ax.scatter(g["grad_evals_per_example"], g["median_l2"], label=str(atk), s=18)
+    ax.set_xlabel("gradient evaluations per example")
+    ax.set_ylabel("median L2 of successful perturbations")
+    ax.set_xscale("symlog")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    made.append(out / "cost_vs_size.png")
+    fig.savefig(made[-1], dpi=110)
+    plt.close(fig)
+    # per-seed spread
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    labels = [f"{r.attack}/{r.defense}/eps={_fmt(r.eps)}" for r in summ.itertuples()]
+    ax.errorbar(range(len(summ)), summ["robust_accuracy"], yerr=summ["robust_accuracy_ci95"].fillna(0), fmt="o",
+                capsize=3)
+    if "seed" in df:
+        key = df[["attack", "defense", "eps"]].astype(str).agg("/".join, axis=1)
+        pos = {f"{r.attack}/{r.defense}/{r.eps}": i for i, r in enumerate(summ.itertuples())}
+        xs = [pos.get(k, np.nan) for k in key]
+        ax.scatter(xs, df["robust_accuracy"], s=8, alpha=0.5, color="gray")
+    ax.set_xticks(range(len(summ)))
+    ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=6)
+    ax.set_ylabel("robust accuracy (mean, 95% CI; dots: seeds)")
+    fig.tight_layout()
+    made.append(out / "seed_spread.png")
+    fig.savefig(made[-1], dpi=110)
+    plt.close(fig)
+    return made
+
+
+def aggregate(dirs: Sequence[str | Path], out: str | Path | None = None) -> dict[str, Path]:
+    """Write the comparison files for ``dirs`` into ``out`` (default: the first directory)."""
+    df, failed = collect(dirs)          # raises for a missing directory before anything is written
+    out = Path(out if out is not None else dirs[0])
+    out.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+    cols = [c for c in GROUP + ["seed"] + VALUES + ["run_dir"] if c in df]
+    cells = df[cols].sort_values([c for c in GROUP + ["seed"] if c in df]) if len(df) else df
+    atomic_write_text(out / "comparison.csv", cells.to_csv(index=False))
+    written["csv"] = out / "comparison.csv"
+    summ = summarize(cells)
+    atomic_write_text(out / "comparison_summary.csv", summ.to_csv(index=False))
+    show = summ[[c for c in summ.columns if not c.endswith("_ci95")]] if len(summ) else summ
+    md = ["# Comparison", "", f"{len(cells)} finished cells, {len(failed)} failed, from: "
+          + ", ".join(str(d) for d in dirs), "", "Mean over seeds (95% confidence intervals in "
+          "comparison_summary.csv).", "", to_markdown(show) if len(show) else "(no finished cells)"]
+    if len(failed):
+        md += ["", "## Failed cells", "", to_markdown(failed)]
+    atomic_write_text(out / "comparison.md", "\n".join(md) + "\n")
+    atomic_write_text(out / "comparison.tex", to_latex(show) if len(show) else "")
+    written.update(md=out / "comparison.md", tex=out / "comparison.tex", summary=out / "comparison_summary.csv")
+    if len(summ):
+        for p in _plots(cells, summ, out):
+            written[p.stem] = p
+    log.info("comparison of %d cells (%d failed) written to %s", len(cells), len(failed), out)
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m robustbench_lab.report", description=__doc__.split("\n")[0])
+    ap.add_argument("dirs", nargs="+", help="run or sweep directories")
+    ap.add_argument("--out", default=None, help="output folder (default: the first directory)")
+    a = ap.parse_args(argv)
+    try:
+        w = aggregate(a.dirs, a.out)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {w['md']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,39 @@
+"""Entry point: ``python run.py attack=<name> defense=<name> model=<name> data=<name> [overrides]``.
+
+Thin by design: Hydra composes the config, ``robustbench_lab.app.run`` does the work and returns the metrics;
+the return value (robust accuracy) is what a Hydra sweeper would optimize. Around it: resumable cells (a
+finished cell of a re-launched sweep is restored, not recomputed) and, in a multirun, failure capture so one
+failing job does not stop the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+os.environ.setdefault("ROBUSTBENCH_LAB_ROOT", str(Path(__file__).resolve().parent))
+
+import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.types import RunMode  # noqa: E402
+from omegaconf import DictConfig, open_dict  # noqa: E402
+
+log = logging.getLogger("robustbench_lab")
+
+
+@hydra.main(config_path="conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> float:
+    from robustbench_lab.app import execute
+
+    hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
+    if multirun and cfg.get("logger") is not None and cfg.logger.get("group") is None:
+        with open_dict(cfg):
+            cfg.logger.group = Path(hc.sweep.dir).name   # one W&B group per sweep
+    return execute(cfg, Path(hc.runtime.output_dir), multirun=multirun,
+                   overrides=list(hc.overrides.task))
+
+
+if __name__ == "__main__":
+    main()

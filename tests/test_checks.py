@@ -1,0 +1,114 @@
+"""Sanity checks fire on the models they are meant to catch, and stay quiet on an ordinary model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from robustbench_lab.app import build_attack, run
+from robustbench_lab.checks import audit, run_checks
+from robustbench_lab.evaluator import evaluate
+from robustbench_lab.norms import Norm
+
+from conftest import compose, fashion_available
+
+
+def _checks(model, x, y, eps=0.1, level="quick"):
+    atk, _ = build_attack(compose(["attack=pgd", f"attack.eps={eps}"]).attack)
+    g = torch.Generator().manual_seed(0)
+    ev = evaluate(model, x, y, [atk], eps, g)
+    return {r.name: r for r in run_checks(model, x, y, [atk], eps, ev.robust, ev.x_adv, ev.n_nan, level, g)}
+
+
+class Softmaxed(nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, x):
+        return self.m(x).softmax(1)
+
+
+class Noisy(nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, x):
+        return self.m(x + 0.05 * torch.randn_like(x))
+
+
+class _Quantize(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x * 4) / 4
+
+    @staticmethod
+    def backward(ctx, g):
+        return torch.zeros_like(g)   # the true derivative of rounding: zero almost everywhere
+
+
+class Quantized(nn.Module):
+    """Input quantization: shattered gradients (zero everywhere), robust-looking to gradient attacks."""
+
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, x):
+        return self.m(_Quantize.apply(x))
+
+
+@pytest.fixture(scope="module")
+def pts(fmnist_small):
+    _, _, xt, yt = fmnist_small
+    return xt[:64], yt[:64]
+
+
+def test_ordinary_model_passes_every_check(trained_small_cnn, pts):
+    res = _checks(trained_small_cnn, *pts)
+    assert {"audit", "zero_gradients", "softmax_output", "randomized_output", "single_step_stronger",
+            "not_converged", "blackbox_stronger", "eps_monotonicity"} <= set(res)
+    fired = [n for n, r in res.items() if r.fired]
+    assert fired == [], {n: res[n].message for n in fired}
+
+
+def test_softmax_model_fires_softmax_check(trained_small_cnn, pts):
+    assert _checks(Softmaxed(trained_small_cnn).eval(), *pts)["softmax_output"].fired
+
+
+def test_randomized_model_fires(trained_small_cnn, pts):
+    assert _checks(Noisy(trained_small_cnn).eval(), *pts)["randomized_output"].fired
+
+
+def test_shattered_gradients_fire_masking_checks(trained_small_cnn, pts):
+    res = _checks(Quantized(trained_small_cnn).eval(), *pts)
+    assert res["zero_gradients"].fired
+    assert res["zero_gradients"].value["fraction_zero"] == 1.0
+    # with no gradient PGD is blind; the black-box attack and large epsilons expose it
+    assert res["blackbox_stronger"].fired
+    assert res["eps_monotonicity"].fired
+
+
+def test_audit_detects_violations():
+    x = torch.full((4, 1, 2, 2), 0.5)
+    ok = audit(x, x + 0.05, Norm.LINF, 0.1, 0, True)
+    assert not ok.fired and abs(ok.value["max_linf"] - 0.05) < 1e-6
+    assert audit(x, x + 0.2, Norm.LINF, 0.1, 0, True).fired           # over epsilon
+    assert audit(x, x + 0.6, Norm.LINF, None, 0, False).fired         # outside [0, 1]
+    assert audit(x, x, Norm.LINF, 0.1, 2, True).fired                  # NaNs were produced
+
+
+@pytest.mark.skipif(not fashion_available(), reason="Fashion-MNIST not installed")
+def test_checks_recorded_in_metrics(tmp_root):
+    cfg = compose(["model=small_cnn", "model.train.max_train=2000", "model.train.epochs=1", "data.n_eval=64",
+                   "data.n_val=200", "progress=false", "logger=none", "checks=quick"])
+    run(cfg, tmp_root / "r")
+    m = json.loads((tmp_root / "r" / "metrics.json").read_text())
+    assert set(m["checks"]) >= {"audit", "zero_gradients", "eps_monotonicity"}
+    assert m["checks"]["zero_gradients"]["doc"] == "docs/checks/zero_gradients.md"
+    assert m["audit"].startswith("max perturbation")
+    assert "Sanity checks" in (tmp_root / "r" / "summary.md").read_text()
