@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -148,6 +148,24 @@ def retrofit(model: nn.Module, jump: float) -> nn.Module:
     return keep_undefended(defended, model)
 
 
+def _check_tradeoff_attacks(spec: Mapping[str, Any] | None) -> dict[str, tuple[Attack, float | None]]:
+    """``{label: {attack: <Attack>, eps: null | number}}`` -> ``{label: (attack, eps)}``, validated."""
+    out: dict[str, tuple[Attack, float | None]] = {}
+    for label, item in (spec or {}).items():
+        key = f"defense.tradeoff_attacks.{label}"
+        if not isinstance(item, Mapping) or set(item) - {"attack", "eps"} or "attack" not in item:
+            raise ConfigError(key, item, "{attack: <attack config node with _target_>, eps: null | number}")
+        atk, eps = item["attack"], item.get("eps")
+        if not isinstance(atk, Attack):
+            raise ConfigError(f"{key}.attack", atk, "an attack config node (_target_)")
+        if eps is None and atk.family != MINIMIZATION:
+            raise ConfigError(f"{key}.eps", eps, "a number >= 0", f"{atk.name} is a fixed-epsilon attack")
+        if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0):
+            raise ConfigError(f"{key}.eps", eps, "null (minimization attacks) or a number >= 0 (input space)")
+        out[str(label)] = (atk, float(eps) if eps is not None else None)
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ tuning
 def zero_gradient_fraction(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500) -> float:
     """Share of points whose cross-entropy input gradient is exactly zero (the shattered-gradient symptom)."""
@@ -211,7 +229,8 @@ class JumpReLUDefense(Defense):
 
     def __init__(self, *, jump: float | str = "auto", grid: Sequence[float] = DEFAULT_GRID,
                  max_accuracy_drop: float = 0.01, n_val: int = 0, tradeoff_attack: Attack | None = None,
-                 tradeoff_eps: float | None = None, tradeoff_n: int = 100, batch_size: int = 500) -> None:
+                 tradeoff_eps: float | None = None, tradeoff_attacks: Mapping[str, Any] | None = None,
+                 tradeoff_n: int = 100, batch_size: int = 500) -> None:
         if isinstance(jump, str):
             if jump != "auto":
                 raise ConfigError("defense.jump", jump, "'auto' or a number >= 0")
@@ -245,6 +264,7 @@ class JumpReLUDefense(Defense):
                               f"{tradeoff_attack.name} is a fixed-epsilon attack")
         self.tradeoff_attack = tradeoff_attack
         self.tradeoff_eps = float(tradeoff_eps) if tradeoff_eps is not None else None
+        self.tradeoff_attacks = _check_tradeoff_attacks(tradeoff_attacks)
         self.chosen: float | None = None if self.jump == "auto" else float(self.jump)
         self.tradeoff: pd.DataFrame | None = None
 
@@ -282,6 +302,10 @@ class JumpReLUDefense(Defense):
                 gen = torch.Generator(device=x_val.device).manual_seed(seed)   # same randomness for every k
                 row.update(attack_strength(probe, self.tradeoff_attack, xs, ys, self.tradeoff_eps, gen,
                                            self.batch_size))
+            for label, (atk, eps) in self.tradeoff_attacks.items():
+                gen = torch.Generator(device=x_val.device).manual_seed(seed)
+                res = attack_strength(probe, atk, xs, ys, eps, gen, self.batch_size)
+                row.update({f"{label}_{key}": v for key, v in res.items() if key != "subset_clean_accuracy"})
             rows.append(row)
             log.info("jumprelu k=%g: validation accuracy %.4f %s", k, acc,
                      {key: round(v, 4) for key, v in row.items() if key not in ("k", "val_accuracy")})
@@ -312,6 +336,8 @@ class JumpReLUDefense(Defense):
                 "tradeoff_attack": self.tradeoff_attack.name if self.tradeoff_attack is not None else None,
                 "tradeoff_attack_config": self.tradeoff_attack.config() if self.tradeoff_attack is not None else None,
                 "tradeoff_eps": self.tradeoff_eps,
+                "tradeoff_attacks": {label: {"attack": atk.name, "eps": eps, "config": atk.config()}
+                                     for label, (atk, eps) in self.tradeoff_attacks.items()},
                 "tradeoff": t.drop(columns=[c for c in ("tradeoff_attack", "tradeoff_eps") if c in t]).to_dict("records"),
                 "tradeoff_files": ["jumprelu_tradeoff.csv", "jumprelu_tradeoff.png"],
             })
@@ -319,33 +345,40 @@ class JumpReLUDefense(Defense):
 
 
 def plot_tradeoff(path, table: pd.DataFrame, max_drop: float) -> None:
-    """Validation accuracy vs k (left axis) and the attack measure vs k (right axis); chosen k marked."""
+    """Two panels against k: accuracies (clean validation accuracy and every robust accuracy measured) and
+    median minimal perturbation norms (every minimization attack measured); the chosen k marked."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.2, 3.4))
-    ax.plot(table["k"], table["val_accuracy"], marker="o", ms=3, color="C0", label="clean val accuracy")
+    acc_cols = [c for c in table.columns if c.endswith("robust_accuracy")]
+    norm_cols = [c for c in table.columns if "median_min_" in c]
+    fig, axes = plt.subplots(1, 2 if norm_cols else 1, figsize=(10.4 if norm_cols else 5.2, 3.6), squeeze=False)
+    ax = axes[0, 0]
+    ax.plot(table["k"], table["val_accuracy"], marker="o", ms=3, color="k", label="clean val accuracy")
     ref = float(table.loc[table["k"] == 0.0, "val_accuracy"].iloc[0])
-    ax.axhline(ref - max_drop, color="C0", ls=":", lw=1, label=f"k=0 accuracy - {max_drop:g}")
+    ax.axhline(ref - max_drop, color="k", ls=":", lw=1, label=f"k=0 accuracy - {max_drop:g}")
+    for i, c in enumerate(acc_cols):
+        ax.plot(table["k"], table[c], marker="s", ms=3, color=f"C{i}", label=c)
     chosen = table.loc[table["chosen"], "k"]
-    if len(chosen):
-        ax.axvline(float(chosen.iloc[0]), color="k", ls="--", lw=1, label=f"chosen k = {float(chosen.iloc[0]):g}")
-    ax.set_xlabel("jump k (pre-activation units)")
-    ax.set_ylabel("clean validation accuracy", color="C0")
+    for a in axes[0]:
+        if len(chosen):
+            a.axvline(float(chosen.iloc[0]), color="grey", ls="--", lw=1)
+        a.set_xlabel("jump k (pre-activation units)")
+        a.grid(alpha=0.3)
+    ax.set_ylabel("accuracy")
     ax.set_ylim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
-    measure = [c for c in table.columns if c.startswith("median_min_")] or \
-        (["robust_accuracy"] if "robust_accuracy" in table else [])
-    if measure:
-        ax2 = ax.twinx()
-        col = measure[0]
-        vals = table[col].replace([np.inf], np.nan)
-        ax2.plot(table["k"], vals, marker="s", ms=3, color="C3", label=col)
-        ax2.set_ylabel(f"{col} ({table['tradeoff_attack'].iloc[0]})" if "tradeoff_attack" in table else col,
-                       color="C3")
-    ax.legend(fontsize=7, loc="lower left")
-    ax.set_title("JumpReLU: clean accuracy vs attack strength", fontsize=9)
+    ax.legend(fontsize=6, loc="best")
+    ax.set_title("JumpReLU: accuracy vs k" + (f" (chosen k = {float(chosen.iloc[0]):g})" if len(chosen) else ""),
+                 fontsize=9)
+    if norm_cols:
+        ax2 = axes[0, 1]
+        for i, c in enumerate(norm_cols):
+            ax2.plot(table["k"], table[c].replace([np.inf], np.nan), marker="^", ms=3, color=f"C{i + len(acc_cols)}",
+                     label=c)
+        ax2.set_ylabel("median minimal perturbation (inf = not fooled: not drawn)")
+        ax2.legend(fontsize=6, loc="best")
+        ax2.set_title("attack strength vs k (larger = apparently more robust)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from types import SimpleNamespace
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -286,3 +287,39 @@ def test_jumprelu_run_writes_the_tradeoff_and_evaluates_adaptive_attacks(tmp_roo
     assert m["defense"] == "jumprelu" and m["attacks"] == ["pgd", "pgd_bpda", "pgd_transfer"]
     assert m["attack_config"]["pgd_transfer"]["base"]["class"] == "attacks.pgd.PGD"
     assert math.isfinite(m["robust_accuracy"]) and m["robust_accuracy"] <= m["clean_accuracy"]
+
+
+def test_tradeoff_attacks_graybox_and_bpda_equal_whitebox_at_k0(trained_small_cnn, fmnist_small):
+    """At k = 0 the retrofit is the original model: a transfer from it and BPDA through the ReLU surrogate
+    are the white-box attack itself (same generator), so all three robust accuracies agree; at a large k
+    the white-box attack on the jump model loses its gradients and the adaptive ones must not do worse."""
+    from attacks.adaptive import BPDA, Transfer
+    from attacks.deepfool import DeepFool
+
+    _, _, xt, yt = fmnist_small
+    x, y = xt[:40], yt[:40]
+    spec = {"pgd": {"attack": PGD(norm="linf", steps=10), "eps": 0.1},
+            "pgd_graybox": {"attack": Transfer(base=PGD(norm="linf", steps=10)), "eps": 0.1},
+            "pgd_bpda": {"attack": BPDA(base=PGD(norm="linf", steps=10)), "eps": 0.1},
+            "df": {"attack": DeepFool(norm="l2", steps=20), "eps": None}}
+    d = JumpReLUDefense(jump="auto", grid=[0.0, 3.0], max_accuracy_drop=1.0, tradeoff_attacks=spec, tradeoff_n=40)
+    t = d.tune(trained_small_cnn, x, y).set_index("k")
+    assert {"pgd_robust_accuracy", "pgd_graybox_robust_accuracy", "pgd_bpda_robust_accuracy",
+            "df_median_min_l2", "df_attack_success_rate"} <= set(t.columns)
+    k0 = t.loc[0.0]
+    assert k0["pgd_robust_accuracy"] < 0.5 * k0["val_accuracy"]        # a real attack on this model
+    assert k0["pgd_graybox_robust_accuracy"] == k0["pgd_robust_accuracy"]
+    assert k0["pgd_bpda_robust_accuracy"] == k0["pgd_robust_accuracy"]
+    assert np.isfinite(k0["df_median_min_l2"])
+    big = t.loc[3.0]
+    assert big["zero_grad_fraction"] > 0.5
+    assert big["pgd_bpda_robust_accuracy"] <= big["pgd_robust_accuracy"]
+    desc = d.describe()
+    assert desc["tradeoff_attacks"]["pgd_graybox"]["attack"] == "pgd_transfer"
+
+
+def test_tradeoff_attacks_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match=r"defense.tradeoff_attacks.p.eps"):
+        JumpReLUDefense(tradeoff_attacks={"p": {"attack": PGD(), "eps": None}})
+    with pytest.raises(ConfigError, match=r"defense.tradeoff_attacks.p"):
+        JumpReLUDefense(tradeoff_attacks={"p": {"atack": PGD(), "eps": 0.1}})
