@@ -19,6 +19,8 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
 
+import robustbench_lab.schema  # noqa: E402,F401  registers the config schemas before Hydra composes
+
 log = logging.getLogger("robustbench_lab")
 
 

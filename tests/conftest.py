@@ -70,5 +70,7 @@ def tmp_root(tmp_path, monkeypatch):
 
 def compose(overrides: list[str] | None = None, return_hydra_config: bool = False):
     from hydra import compose as h_compose, initialize_config_dir
+
+    import robustbench_lab.schema  # noqa: F401  (registers the structured-config schemas in the ConfigStore)
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return h_compose(config_name="config", overrides=overrides or [], return_hydra_config=return_hydra_config)

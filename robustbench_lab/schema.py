@@ -1,0 +1,146 @@
+"""Structured-config schemas: the types of every config key that has one fixed shape.
+
+Registered in Hydra's ConfigStore and used as the base of ``conf/config.yaml`` (``base_config``), so the
+group options (``data/``, ``model/`` with its ``train:`` recipe, ``paths/``) merge into typed nodes and the
+two ``logger/`` options extend their own schema (``schema/logger/<name>``). A typo'd key or a value of the
+wrong type then fails *at composition*, on the command line or in a YAML file, with Hydra's error naming
+the full key (``full_key: data.n_eval``) and a non-zero exit.
+
+``attack`` and ``defense`` stay open (``Any``): their fields depend on the ``_target_`` class and are
+validated against its constructor when the object is built (``robustbench_lab.app.build_attack``).
+
+Value ranges (``n_eval >= 1``, known devices, ...) are not types; ``robustbench_lab.app.validate`` checks
+them, and :func:`unknown_keys` catches keys force-added with ``+key=value`` that no schema declares, all
+before any data is read.
+
+This module must stay light (no torch): ``run.py`` imports it before Hydra composes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+@dataclass
+class PathsSchema:
+    root_dir: str = MISSING
+    output_dir: str = MISSING
+    cache_dir: str = MISSING
+    data_dir: str = MISSING
+    cells_dir: str = MISSING
+
+
+@dataclass
+class DataSchema:
+    name: str = MISSING
+    root: str = MISSING
+    download: bool = False
+    n_val: int = 5000
+    n_eval: int = 1000
+    split_seed: int = 0
+
+
+@dataclass
+class TrainSchema:
+    """The training recipe; mirrors ``robustbench_lab.train.Recipe`` field for field, defaults included
+    (tests/test_schema.py keeps the two in step)."""
+
+    epochs: int = 4
+    batch_size: int = 256
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    schedule: str = "onecycle"
+    warmup_frac: float = 0.15
+    milestones: List[float] = field(default_factory=lambda: [0.5, 0.75])
+    augment: bool = True
+    label_smoothing: float = 0.0
+    max_train: int = 0
+
+
+@dataclass
+class ModelSchema:
+    name: str = MISSING
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+    checkpoint: Optional[str] = None
+    train_seed: Optional[int] = None
+    train: TrainSchema = field(default_factory=TrainSchema)
+
+
+@dataclass
+class WandbLoggerSchema:
+    name: str = "wandb"
+    mode: str = "offline"
+    project: str = "robustbench_lab"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class NoLoggerSchema:
+    name: str = "none"
+    group: Optional[str] = None   # run.py sets it in a multirun for whichever logger; unused here
+
+
+@dataclass
+class Config:
+    """The primary config. Defaults live in conf/config.yaml; these are the types."""
+
+    data: DataSchema = MISSING
+    model: ModelSchema = MISSING
+    attack: Any = MISSING         # open: validated against the _target_'s constructor (app.build_attack)
+    defense: Any = MISSING        # open: likewise (app.build_defense)
+    logger: Any = MISSING         # typed by the chosen option's own schema (schema/logger/<name>)
+    paths: PathsSchema = MISSING
+    attacks: Optional[List[str]] = None
+    seed: int = 0
+    device: str = "auto"
+    batch_size: int = 500
+    progress: bool = True
+    checks: str = "quick"
+    resume: bool = True
+    num_threads: Optional[int] = None
+
+
+def register() -> None:
+    """Store the schemas (idempotent: storing again replaces the same entries)."""
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+    cs.store(group="schema/logger", name="wandb", node=WandbLoggerSchema)
+    cs.store(group="schema/logger", name="none", node=NoLoggerSchema)
+
+
+register()
+
+
+def _typed_nodes(node: DictConfig, prefix: str = "") -> Iterator[tuple[str, DictConfig, type]]:
+    """(key, node, dataclass) for every node of ``node`` whose type is one of our schemas."""
+    t = OmegaConf.get_type(node)
+    if t is not None and dataclasses.is_dataclass(t) and t.__module__ == __name__:
+        yield prefix, node, t
+        for k in node.keys():
+            if isinstance(k, str) and k != "hydra" and OmegaConf.is_dict(node._get_node(k)):
+                yield from _typed_nodes(node[k], f"{prefix}{k}.")
+
+
+def unknown_keys(cfg: DictConfig) -> list[tuple[str, list[str]]]:
+    """Keys that no schema declares, as (full key, allowed keys); only ``+key=value`` can create them.
+
+    Hydra's ``+`` (and ``++``) force-add a key even into a structured node, so ``+data.n_evl=5`` composes;
+    this finds such keys so the run can refuse them instead of silently ignoring them.
+    """
+    out = []
+    for prefix, node, t in _typed_nodes(cfg):
+        declared = [f.name for f in dataclasses.fields(t)]
+        for k in node.keys():
+            if k not in declared and not (prefix == "" and k == "hydra"):
+                out.append((f"{prefix}{k}", sorted(declared)))
+    return out
