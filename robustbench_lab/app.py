@@ -134,7 +134,10 @@ def build_defense(cfg: DictConfig) -> Defense:
 def build_model(cfg: DictConfig, card: data_mod.DataCard) -> Classifier:
     mcard = zoo.get_card(cfg.model.name)
     kwargs = dict(_plain(cfg.model.get("kwargs")))
-    net = mcard.builder(card.channels, card.num_classes, card.image_size, **kwargs)
+    try:
+        net = mcard.builder(card.channels, card.num_classes, card.image_size, **kwargs)
+    except TypeError as e:   # an option the architecture does not take
+        raise ConfigError("model.kwargs", kwargs, f"the options of model {mcard.name!r}", str(e)) from e
     mean = mcard.mean if mcard.mean is not None else card.mean
     std = mcard.std if mcard.std is not None else card.std
     return Classifier(net, mean, std, card.num_classes, mcard.bounds, name=mcard.name)
@@ -163,13 +166,23 @@ def checkpoint_spec(cfg: DictConfig, recipe: Recipe, defense: Defense) -> dict[s
 
 
 def validate(cfg: DictConfig) -> None:
-    """Checks that need no data or model, so bad input fails before any work is done."""
-    data_mod.get_card(cfg.data.name)
+    """Checks that need no data or model, so bad input fails before any work is done.
+
+    Types and key names are checked at composition (``robustbench_lab.schema``); here: keys force-added
+    with ``+`` that no schema declares, registered names, value ranges (the evaluation subset against the
+    test-set size, read from the files' headers where the format has them), an explicit checkpoint file.
+    """
+    from .schema import unknown_keys
+    for key, declared in unknown_keys(cfg):
+        raise ConfigError(key, OmegaConf.select(cfg, key), declared, "unknown key (no schema declares it; a "
+                          "'+key=value' override adds a key, it cannot rename one)")
+    data_mod.check_split_args(cfg.data.name, cfg.data.root, cfg.data.get("n_val"), cfg.data.get("n_eval"),
+                              cfg.data.get("split_seed"))
     zoo.get_card(cfg.model.name)
-    for key in ("n_eval", "n_val", "split_seed"):
-        v = cfg.data.get(key)
-        if not isinstance(v, int) or isinstance(v, bool) or v < (1 if key == "n_eval" else 0):
-            raise ConfigError(f"data.{key}", v, "an integer >= " + ("1" if key == "n_eval" else "0"))
+    ckpt = cfg.model.get("checkpoint")
+    if ckpt and not Path(str(ckpt)).expanduser().is_file():
+        raise ConfigError("model.checkpoint", ckpt, "null (train or use the cache) or the path of an existing "
+                          "weights file (.safetensors, or a torch state dict loaded weights-only)")
     if not isinstance(cfg.seed, int):
         raise ConfigError("seed", cfg.seed, "an integer")
     bs = cfg.get("batch_size")
@@ -208,14 +221,15 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 def _run(cfg, run_dir, device, attacks, attack_label, eps, defense, recipe, tracker, t_start) -> dict[str, Any]:
     attack = attacks[-1]
     torch.manual_seed(int(cfg.seed))
+    model = build_model(cfg, data_mod.get_card(cfg.data.name))
+    ckpt_info: dict[str, Any] = {}
+    if cfg.model.get("checkpoint"):   # before the data: a file that does not fit the model card fails at once
+        load_weights(model, Path(cfg.model.checkpoint), what="model.checkpoint")
+        ckpt_info = {"checkpoint": str(cfg.model.checkpoint), "cache_hit": None}
     splits = data_mod.load_splits(cfg.data.name, cfg.data.root, bool(cfg.data.download), int(cfg.data.n_val),
                                   int(cfg.data.n_eval), int(cfg.data.split_seed))
-    model = build_model(cfg, splits.card)
-    ckpt_info: dict[str, Any] = {}
     if cfg.model.get("checkpoint"):
-        load_weights(model, Path(cfg.model.checkpoint), what="model.checkpoint")
         model.to(device).eval()
-        ckpt_info = {"checkpoint": str(cfg.model.checkpoint), "cache_hit": None}
     else:
         spec = checkpoint_spec(cfg, recipe, defense)
         torch.manual_seed(spec["seed"])
@@ -312,10 +326,11 @@ def execute(cfg: DictConfig, run_dir: Path, multirun: bool = False, overrides: l
     key = cell_key(cfg)
     store = CellStore(cfg.paths.cells_dir)
     if cfg.get("resume", True) and store.done(key):
-        m = store.restore(key, run_dir)
-        log.info("cell %s already finished: restored its results (resume=false recomputes)", key)
-        print(f"[cell {key} done before] robust accuracy {m['robust_accuracy']:.4f} | results in {run_dir}")
-        return float(m["robust_accuracy"])
+        m = store.restore(key, run_dir)   # None: the stored cell was damaged and is removed; recompute it
+        if m is not None:
+            log.info("cell %s already finished: restored its results (resume=false recomputes)", key)
+            print(f"[cell {key} done before] robust accuracy {m['robust_accuracy']:.4f} | results in {run_dir}")
+            return float(m["robust_accuracy"])
     try:
         metrics = run(cfg, run_dir)
     except Exception as e:

@@ -36,6 +36,9 @@ class DataCard:
     reader: Callable[[Path, bool, bool], tuple[torch.Tensor, torch.Tensor]]
     hflip: bool = True       # horizontal flip is label-preserving for this data
     crop_pad: int = 2        # random-crop padding used by the default augmentation
+    sizes: tuple[int, int] | None = None   # (train, test) points of the standard release
+    # A reader may also have ``count(root, train) -> int | None``: the points the files on disk hold, read
+    # from a header without loading the data (None: not found; then ``sizes`` is used).
 
 
 @dataclasses.dataclass
@@ -119,10 +122,43 @@ def _mnist_like_from(folders: list[Path], train: bool) -> tuple[torch.Tensor, to
     return None
 
 
-def _mnist_like_reader(tv_name: str, system_dir: Path | None) -> Callable[[Path, bool, bool], tuple]:
-    def read(root: Path, train: bool, download: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        folders = ([system_dir] if system_dir is not None else []) + [
-            root / tv_name / "raw", root / tv_name, root]
+def _idx_count(path: Path) -> int | None:
+    """First dimension of an IDX file from its 8-byte header (None if unreadable; the full read reports why)."""
+    try:
+        with open(path, "rb") as f:
+            compressed = f.read(2) == b"\x1f\x8b"
+        with (gzip.open(path, "rb") if compressed else open(path, "rb")) as f:
+            head = f.read(8)
+    except (OSError, EOFError, zlib.error):
+        return None
+    if len(head) < 8 or head[0] != 0 or head[1] != 0 or head[3] < 1:
+        return None
+    return int.from_bytes(head[4:8], "big")
+
+
+class _MnistLikeReader:
+    """Reads (Fashion-)MNIST IDX files from ``system_dir`` (if any), else from torchvision's layout under the
+    root, else the root itself; ``count`` reads only the label file's header, to check sizes up front."""
+
+    def __init__(self, tv_name: str, system_dir: Path | None) -> None:
+        self.tv_name, self.system_dir = tv_name, system_dir
+
+    def folders(self, root: Path) -> list[Path]:
+        return ([self.system_dir] if self.system_dir is not None else []) + [
+            root / self.tv_name / "raw", root / self.tv_name, root]
+
+    def count(self, root: Path, train: bool) -> int | None:
+        prefix = "train" if train else "t10k"
+        for folder in self.folders(root):          # the folder __call__ would read
+            img = _find_idx(folder, f"{prefix}-images-idx3-ubyte")
+            lab = _find_idx(folder, f"{prefix}-labels-idx1-ubyte")
+            if img is not None and lab is not None:
+                return _idx_count(lab)
+        return None
+
+    def __call__(self, root: Path, train: bool, download: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        tv_name, system_dir = self.tv_name, self.system_dir
+        folders = self.folders(root)
         found = _mnist_like_from(folders, train)
         if found is None and download:
             import torchvision.datasets as tvd
@@ -135,7 +171,10 @@ def _mnist_like_reader(tv_name: str, system_dir: Path | None) -> Callable[[Path,
                 hint += f", or install the Debian package dataset-fashion-mnist (files in {system_dir})"
             raise DataNotFoundError(f"{tv_name} ({'train' if train else 'test'}) not found. {hint}.")
         return found
-    return read
+
+
+def _mnist_like_reader(tv_name: str, system_dir: Path | None) -> _MnistLikeReader:
+    return _MnistLikeReader(tv_name, system_dir)
 
 
 # ---------------------------------------------------------------------------------------------- CIFAR
@@ -211,16 +250,18 @@ def _reg(card: DataCard) -> None:
 
 
 _reg(DataCard("fashion_mnist", 1, (28, 28), 10, (0.2860,), (0.3530,),
-              _mnist_like_reader("FashionMNIST", SYSTEM_FASHION_MNIST), hflip=True, crop_pad=2))
+              _mnist_like_reader("FashionMNIST", SYSTEM_FASHION_MNIST), hflip=True, crop_pad=2,
+              sizes=(60000, 10000)))
 _reg(DataCard("mnist", 1, (28, 28), 10, (0.1307,), (0.3081,), _mnist_like_reader("MNIST", None),
-              hflip=False, crop_pad=2))
+              hflip=False, crop_pad=2, sizes=(60000, 10000)))
 _reg(DataCard("cifar10", 3, (32, 32), 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
               _cifar_reader("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"],
-                            "labels", "CIFAR10"), crop_pad=4))
+                            "labels", "CIFAR10"), crop_pad=4, sizes=(50000, 10000)))
 _reg(DataCard("cifar100", 3, (32, 32), 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762),
-              _cifar_reader("cifar-100-python", ["train"], ["test"], "fine_labels", "CIFAR100"), crop_pad=4))
+              _cifar_reader("cifar-100-python", ["train"], ["test"], "fine_labels", "CIFAR100"), crop_pad=4,
+              sizes=(50000, 10000)))
 _reg(DataCard("svhn", 3, (32, 32), 10, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970), _svhn_read,
-              hflip=False, crop_pad=4))
+              hflip=False, crop_pad=4, sizes=(73257, 26032)))
 
 
 def get_card(name: str) -> DataCard:
@@ -233,15 +274,46 @@ def available() -> list[str]:
     return sorted(_CARDS)
 
 
+def split_sizes(card: DataCard, root: str | os.PathLike) -> tuple[int | None, int | None]:
+    """(train, test) sizes known without loading the data: from the files' headers where the format has
+    one (IDX), else those of the standard release; None where neither is known."""
+    root = Path(root).expanduser()
+    out = []
+    for i, train in enumerate((True, False)):
+        count = getattr(card.reader, "count", None)
+        n = count(root, train) if count is not None else None
+        out.append(n if n is not None else (card.sizes[i] if card.sizes is not None else None))
+    return out[0], out[1]
+
+
+def check_split_args(name: str, root: str | os.PathLike, n_val: int, n_eval: int, split_seed: int) -> DataCard:
+    """Validate the split arguments before any data is read (``load_splits`` re-checks against the data)."""
+    card = get_card(name)
+    for key, v, lo in (("n_val", n_val, 0), ("n_eval", n_eval, 1), ("split_seed", split_seed, 0)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            raise ConfigError(f"data.{key}", v, f"an integer >= {lo}")
+    if split_seed < 0:
+        raise ConfigError("data.split_seed", split_seed, "an integer >= 0")
+    n_train, n_test = split_sizes(card, root)
+    if n_val < 0 or (n_train is not None and n_val >= n_train):
+        raise ConfigError("data.n_val", n_val, f"0 <= n_val < {n_train} (training set size)" if n_train is not None
+                          else "an integer >= 0")
+    if n_eval <= 0 or (n_test is not None and n_eval > n_test):
+        raise ConfigError("data.n_eval", n_eval, f"1 <= n_eval <= {n_test} (test set size of {name})"
+                          if n_test is not None else "an integer >= 1")
+    return card
+
+
 def load_splits(name: str, root: str | os.PathLike, download: bool = False, n_val: int = 5000,
                 n_eval: int = 1000, split_seed: int = 0) -> Splits:
     """Load a dataset and cut it into train / validation / test, plus the evaluation subset.
 
     The validation split (``n_val`` points of the training set) and the evaluation subset (``n_eval``
     points of the test set) are drawn with ``split_seed`` alone, so every run of a sweep, whatever its
-    ``seed``, evaluates the same points. ``n_eval`` larger than the test set is an error.
+    ``seed``, evaluates the same points. ``n_eval`` larger than the test set is an error, raised before
+    the data is loaded (sizes from the file headers or the standard release; re-checked on the data).
     """
-    card = get_card(name)
+    card = check_split_args(name, root, n_val, n_eval, split_seed)
     root = Path(root).expanduser()
     x_tr, y_tr = card.reader(root, True, download)
     x_te, y_te = card.reader(root, False, download)

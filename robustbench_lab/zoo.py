@@ -296,9 +296,9 @@ def _resnet(depth: int, block: str = "basic") -> Callable[..., nn.Module]:
 register(ModelCard("small_cnn", lambda in_channels, num_classes, image_size, **kw:
                    SmallCNN(in_channels, num_classes, **kw), "small fast CNN (2 conv, 2 FC)", default_recipe="fast"))
 register(ModelCard("lenet", lambda in_channels, num_classes, image_size, **kw:
-                   LeNetLike(in_channels, num_classes), "LeNet-like network of the JumpReLU paper"))
+                   LeNetLike(in_channels, num_classes, **kw), "LeNet-like network of the JumpReLU paper"))
 register(ModelCard("linear", lambda in_channels, num_classes, image_size, **kw:
-                   LinearClassifier(in_channels, num_classes, in_channels * image_size[0] * image_size[1]),
+                   LinearClassifier(in_channels, num_classes, in_channels * image_size[0] * image_size[1], **kw),
                    "linear classifier (closed-form minimal perturbations)", default_recipe="fast"))
 for _d in (20, 32, 44, 56, 110):
     register(ModelCard(f"resnet{_d}", _resnet(_d), f"CIFAR-style ResNet-{_d}, basic blocks (He et al. 2016)"))
