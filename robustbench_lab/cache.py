@@ -90,7 +90,11 @@ def load_weights(module: nn.Module, path: Path, what: str = "checkpoint") -> Non
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path} does not exist")
     if path.suffix == ".safetensors":
-        sd = load_file(str(path))
+        try:
+            sd = load_file(str(path))
+        except Exception as e:  # SafetensorError (bad header, truncated file), OSError
+            raise CheckpointMismatchError(f"{what} {path} is not a readable safetensors file "
+                                          f"(truncated or corrupted?): {e}") from e
     else:
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)
@@ -138,15 +142,27 @@ class CheckpointCache:
         except json.JSONDecodeError:
             return None
 
-    def load(self, key: str, module: nn.Module) -> dict[str, Any] | None:
-        """Load entry ``key`` into ``module``; None when absent or corrupted (a corrupted entry is removed)."""
+    def load(self, key: str, module: nn.Module, spec: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        """Load entry ``key`` into ``module``; None when absent or corrupted (a corrupted entry is removed).
+
+        Corrupted: the weight file's SHA-256 is not the one its sidecar recorded, or the sidecar describes
+        another entry (its ``key``, or, when ``spec`` is given, its spec, differs). ``module`` is only
+        written once the entry has passed these checks.
+        """
         meta, wp = self.meta(key), self.weights_path(key)
         if meta is None or not wp.is_file():
             return None
-        digest = sha256_file(wp)
-        if digest != meta.get("sha256"):
-            log.warning("checkpoint cache entry %s is corrupted (sha256 %s, expected %s); rebuilding it",
-                        wp, digest[:12], str(meta.get("sha256"))[:12])
+        problem = None
+        if meta.get("key") != key:
+            problem = f"its sidecar belongs to entry {meta.get('key')!r}"
+        elif spec is not None and canonical_json(meta.get("spec")) != canonical_json(spec):
+            problem = "its sidecar's spec is not the spec this key stands for"
+        else:
+            digest = sha256_file(wp)
+            if digest != meta.get("sha256"):
+                problem = f"sha256 {digest[:12]}, expected {str(meta.get('sha256'))[:12]}"
+        if problem is not None:
+            log.warning("checkpoint cache entry %s is corrupted (%s); rebuilding it", wp, problem)
             self.remove(key)
             return None
         load_weights(module, wp, what=f"cached checkpoint {key}")

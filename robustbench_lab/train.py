@@ -153,13 +153,13 @@ def get_or_train(model: nn.Module, spec: dict[str, Any], splits: data_mod.Splits
     finds the finished checkpoint and loads it instead of training again.
     """
     key = content_key(spec)
-    meta = cache.load(key, model)
+    meta = cache.load(key, model, spec)
     if meta is not None:
         log.info("loaded cached checkpoint %s", cache.weights_path(key))
         model.to(device).eval()
         return {**meta, "cache_hit": True}
     with cache.lock(key):
-        meta = cache.load(key, model)
+        meta = cache.load(key, model, spec)
         if meta is not None:
             model.to(device).eval()
             return {**meta, "cache_hit": True}
