@@ -4,12 +4,17 @@ Each run is keyed by a hash of its resolved config minus the fields that cannot 
 logger, progress bars, Hydra's own settings). Finished cells are stored, complete or not at all, in a
 content-addressed store (``paths.cells_dir``); a re-launched sweep finds them there and copies their results
 into the new job directory instead of recomputing them. Failed and missing cells simply run again.
+
+Each stored cell carries ``manifest.json`` (the SHA-256 of every file in it) and ``cell_config.json`` (the
+config its key is the hash of); a cell whose files do not match, or whose config does not hash to its key,
+is reported, removed and recomputed, never restored.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -19,8 +24,11 @@ from typing import Any
 from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
-from .cache import canonical_json, content_key
+from .cache import canonical_json, content_key, sha256_file
 from .results import METRICS_FILE
+
+log = logging.getLogger(__name__)
+MANIFEST = "manifest.json"
 
 # Top-level keys that never change a run's numbers.
 IRRELEVANT = ("paths", "logger", "progress", "hydra", "resume", "num_threads")
@@ -58,8 +66,8 @@ class CellStore:
         self.dir.mkdir(parents=True, exist_ok=True)
         dst = self.path(key)
         with FileLock(str(self.dir / f"{key}.lock")):
-            if self.done(key):
-                return dst
+            if self.done(key) and self.verify(key) is None:
+                return dst                 # a damaged cell is replaced by this run's results
             tmp = Path(tempfile.mkdtemp(dir=self.dir, prefix=f".{key}."))
             try:
                 for name in RESULT_FILES:
@@ -67,6 +75,8 @@ class CellStore:
                         shutil.copy2(run_dir / name, tmp / name)
                 (tmp / "cell_config.json").write_text(canonical_json(relevant_config(cfg)))
                 shutil.copy2(run_dir / METRICS_FILE, tmp / METRICS_FILE)
+                (tmp / MANIFEST).write_text(json.dumps(
+                    {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}, indent=2, sort_keys=True))
                 if dst.exists():
                     shutil.rmtree(dst)
                 os.replace(tmp, dst)
@@ -75,9 +85,44 @@ class CellStore:
                 raise
         return dst
 
-    def restore(self, key: str, run_dir: Path) -> dict[str, Any]:
-        """Copy a stored cell's results into ``run_dir`` (metrics.json last). Returns its metrics."""
+    def verify(self, key: str) -> str | None:
+        """None if stored cell ``key`` is intact, else what is wrong with it."""
         src = self.path(key)
+        try:
+            manifest = json.loads((src / MANIFEST).read_text())
+        except FileNotFoundError:
+            return f"it has no {MANIFEST} (stored by an older version, or damaged)"
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return f"its {MANIFEST} is not valid JSON"
+        if not isinstance(manifest, dict):
+            return f"its {MANIFEST} is not a mapping of file names to hashes"
+        present = {p.name for p in src.iterdir() if p.name != MANIFEST}
+        if present != set(manifest):
+            return f"its files {sorted(present)} are not those of its manifest {sorted(manifest)}"
+        for name, digest in sorted(manifest.items()):
+            if sha256_file(src / name) != digest:
+                return f"{name} does not match the sha256 recorded when the cell was stored"
+        try:
+            stored_key = content_key(json.loads((src / "cell_config.json").read_text()))
+        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+            return "it has no readable cell_config.json"
+        if stored_key != key:
+            return f"its cell_config.json is the config of cell {stored_key}, not of {key}"
+        return None
+
+    def discard(self, key: str) -> None:
+        with FileLock(str(self.dir / f"{key}.lock")):
+            shutil.rmtree(self.path(key), ignore_errors=True)
+
+    def restore(self, key: str, run_dir: Path) -> dict[str, Any] | None:
+        """Copy a stored cell's results into ``run_dir`` (metrics.json last). Returns its metrics, or None
+        when the stored cell is damaged (it is then removed, so the caller recomputes it)."""
+        src = self.path(key)
+        problem = self.verify(key)
+        if problem is not None:
+            log.warning("stored cell %s is damaged (%s); removing it and recomputing the cell", src, problem)
+            self.discard(key)
+            return None
         run_dir.mkdir(parents=True, exist_ok=True)
         for name in RESULT_FILES:
             if (src / name).is_file() and name != METRICS_FILE:
