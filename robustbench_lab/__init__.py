@@ -6,3 +6,7 @@ Concrete attacks live in the top-level ``attacks`` package, concrete defenses in
 """
 
 __version__ = "0.1.0"
+
+# Any use of the package registers the config schemas in Hydra's ConfigStore, so every entry point that
+# composes conf/config.yaml (run.py, tests, benchmarks, notebooks) finds its base_config.
+from . import schema as _schema  # noqa: E402,F401
