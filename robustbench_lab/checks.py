@@ -179,6 +179,15 @@ def run_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Sequ
         tr_ra = float(tr_rob.float().mean())
         results.append(CheckResult("transfer_stronger", tr_ra < white - 0.01, {"transfer": tr_ra, "white_box": white},
                                    f"PGD crafted on the undefended model: {tr_ra:.3f} vs white-box {white:.3f}"))
+    # BPDA, when the model has modules with a smooth backward surrogate (e.g. JumpReLU)
+    from attacks.adaptive import BPDA, bpda_modules
+    if bpda_modules(model):
+        surrogate = bpda_modules(model)[0].BPDA_SURROGATES[0]
+        bpda = BPDA(base=_attack("pgd", norm, steps=b["steps"]), surrogate=surrogate)
+        bp_ra = float(_robust(model, bpda, xs, ys, eps, generator, bs).float().mean())
+        results.append(CheckResult("bpda_stronger", bp_ra < white - 0.01, {"bpda": bp_ra, "white_box": white},
+                                   f"PGD-{b['steps']} through BPDA ({surrogate} surrogate): {bp_ra:.3f} vs white-box "
+                                   f"{white:.3f}"))
     # monotonicity in epsilon and reaching zero
     large = LARGE_EPS[norm] if norm is Norm.LINF else 0.5 * float(xs[0].numel()) ** 0.5
     grid = sorted({eps * f for f in (0.5, 1.0, 2.0)} | {large})

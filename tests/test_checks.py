@@ -93,6 +93,38 @@ def test_shattered_gradients_fire_masking_checks(trained_small_cnn, pts):
     assert res["eps_monotonicity"].fired
 
 
+class _QuantizeBPDA(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x * 4) / 4
+
+    @staticmethod
+    def backward(ctx, g):
+        return g                      # straight-through surrogate: the identity's derivative
+
+
+class QuantizedBPDA(Quantized):
+    """Quantized input with a BPDA surrogate, switched on by attacks.adaptive.BPDA like JumpReLU's."""
+
+    BPDA_SURROGATES = ("relu",)
+
+    def __init__(self, m):
+        super().__init__(m)
+        self.bpda = None
+
+    def forward(self, x):
+        return self.m((_QuantizeBPDA if self.bpda else _Quantize).apply(x))
+
+
+def test_bpda_stronger_fires_when_the_surrogate_gradient_breaks_what_white_box_cannot(trained_small_cnn, pts):
+    res = _checks(QuantizedBPDA(trained_small_cnn).eval(), *pts)
+    r = res["bpda_stronger"]
+    assert r.fired, r.message
+    assert r.value["bpda"] < r.value["white_box"] - 0.1
+    # models without BPDA-capable modules do not get the check
+    assert "bpda_stronger" not in _checks(trained_small_cnn, *pts)
+
+
 def test_audit_detects_violations():
     x = torch.full((4, 1, 2, 2), 0.5)
     ok = audit(x, x + 0.05, Norm.LINF, 0.1, 0, True)
