@@ -145,6 +145,7 @@ def run_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Sequ
     # iterative vs single step
     fgsm_rob = _robust(model, _attack("fgsm", norm), xs, ys, eps, generator, bs)
     pgd = _attack("pgd", norm, steps=b["steps"])
+    pgd_state = generator.get_state()      # BPDA below replays PGD's random starts: a like-for-like comparison
     pgd_rob = _robust(model, pgd, xs, ys, eps, generator, bs)
     fgsm_ra, pgd_ra = float(fgsm_rob.float().mean()), float(pgd_rob.float().mean())
     fired = fgsm_ra < pgd_ra - 0.01 or fgsm_ra < main_ra - 0.01
@@ -184,7 +185,9 @@ def run_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Sequ
     if bpda_modules(model):
         surrogate = bpda_modules(model)[0].BPDA_SURROGATES[0]
         bpda = BPDA(base=_attack("pgd", norm, steps=b["steps"]), surrogate=surrogate)
-        bp_ra = float(_robust(model, bpda, xs, ys, eps, generator, bs).float().mean())
+        g_bpda = torch.Generator(device=generator.device)
+        g_bpda.set_state(pgd_state)
+        bp_ra = float(_robust(model, bpda, xs, ys, eps, g_bpda, bs).float().mean())
         results.append(CheckResult("bpda_stronger", bp_ra < white - 0.01, {"bpda": bp_ra, "white_box": white},
                                    f"PGD-{b['steps']} through BPDA ({surrogate} surrogate): {bp_ra:.3f} vs white-box "
                                    f"{white:.3f}"))
