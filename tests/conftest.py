@@ -17,6 +17,17 @@ os.environ.setdefault("WANDB_MODE", "offline")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of small-batch work (modules opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``): on a 2-core machine shared with other jobs,
+    thread hand-offs made many small passes 6-10x slower. The previous setting is restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def fashion_available() -> bool:
     from robustbench_lab.data import SYSTEM_FASHION_MNIST
     return (SYSTEM_FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file() or \

@@ -24,15 +24,7 @@ from robustbench_lab.norms import l2, linf
 from conftest import compose
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These attacks run many small-batch passes; on a shared 2-core machine, intra-op threading costs more
-    than it gains there (measured: standard AutoAttack on 8 points 20 s with 2 threads, 3 s with 1, under
-    load). The session's model is trained before this fixture starts; the setting is restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest: small-batch work runs on one thread
 
 
 def gen(seed: int = 0) -> torch.Generator:

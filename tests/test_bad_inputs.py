@@ -71,13 +71,7 @@ def assert_untouched(root: Path, before: dict[str, str], new_weights_ok: bool = 
     return new
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny runs: one thread beats a thread pool, above all on a machine busy with other work."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest: small-batch work runs on one thread
 
 
 @pytest.fixture(scope="module")

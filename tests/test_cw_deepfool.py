@@ -27,14 +27,7 @@ CMP_BUDGET = dict(binary_search_steps=5, steps=50, initial_const=1e-3, lr=0.01, 
 N_CMP = 100
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two intra-op threads on two cores shared with other jobs made these attacks 6-10x slower (thread
-    hand-offs wait for a busy core); one thread is stable. Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest: small-batch work runs on one thread
 
 
 # ------------------------------------------------------------------------------------- linear classifier

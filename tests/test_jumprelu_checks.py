@@ -29,12 +29,7 @@ EPS = 0.1
 MASKING = ("zero_gradients", "blackbox_stronger", "transfer_stronger", "eps_monotonicity")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)   # small batches: a thread pool only adds overhead on a busy machine
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest: small-batch work runs on one thread
 
 
 @pytest.fixture(scope="module")

@@ -53,13 +53,7 @@ MIN_CLASSES = {"autoattack": 4}
 SQUARE_L2_SIDES = list(range(5, 12))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is much faster than a thread pool, above all on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest: small-batch work runs on one thread
 
 
 @functools.lru_cache(maxsize=None)
