@@ -194,8 +194,23 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("checks", cfg.get("checks"), LEVELS)
 
 
+TASKS = ("evaluate", "linearize")
+
+
+def task_of(cfg: DictConfig) -> str:
+    """The run's ``task`` (evaluate when absent), checked against ``TASKS``."""
+    task = cfg.get("task", "evaluate")
+    if task not in TASKS:
+        raise ConfigError("task", task, TASKS)
+    return str(task)
+
+
 def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
-    """Run one evaluation and write its results into ``run_dir``. Returns the metrics."""
+    """Run one evaluation (or, with ``task=linearize``, the linearization analysis) into ``run_dir``.
+    Returns the metrics."""
+    if task_of(cfg) == "linearize":
+        from .linearization.app import run_linearize
+        return run_linearize(cfg, Path(run_dir))
     t_start = time.time()
     run_dir = Path(run_dir)
     validate(cfg)
@@ -254,7 +269,8 @@ def _run(cfg, run_dir, device, attacks, attack_label, eps, defense, recipe, trac
     t_chk = time.time()
     check_gen = torch.Generator(device=device).manual_seed(int(cfg.seed) + 1_000_003)
     chk = checks_report(run_checks(defended, x, y, attacks, eps, ev.robust, ev.x_adv, ev.n_nan,
-                                   str(cfg.get("checks", "quick")), check_gen, int(cfg.batch_size)))
+                                   str(cfg.get("checks", "quick")), check_gen, int(cfg.batch_size),
+                                   table=ev.table))
     chk["checks_seconds"] = time.time() - t_chk
     metrics: dict[str, Any] = {
         "dataset": cfg.data.name, "model": cfg.model.name, "defense": cfg.defense.name, "attack": attack_label,
@@ -308,7 +324,8 @@ def _run(cfg, run_dir, device, attacks, attack_label, eps, defense, recipe, trac
 
 
 def execute(cfg: DictConfig, run_dir: Path, multirun: bool = False, overrides: list[str] | None = None) -> float:
-    """Run one cell with resumption and failure capture. Returns robust accuracy (NaN for a failed cell).
+    """Run one cell with resumption and failure capture. Returns robust accuracy (NaN for a failed cell);
+    for ``task=linearize``, the run's ``objective`` (robustbench_lab.linearization.app).
 
     A cell already finished (same config key in ``paths.cells_dir``) is restored into ``run_dir`` unless
     ``resume=false``. A failure writes ``failed.json`` into ``run_dir``; in a multirun it is logged and the
@@ -323,12 +340,16 @@ def execute(cfg: DictConfig, run_dir: Path, multirun: bool = False, overrides: l
     if cfg.get("num_threads"):
         torch.set_num_threads(int(cfg.num_threads))
     log.info("output directory: %s", run_dir)
+    task = task_of(cfg)
     key = cell_key(cfg)
     store = CellStore(cfg.paths.cells_dir)
     if cfg.get("resume", True) and store.done(key):
         m = store.restore(key, run_dir)   # None: the stored cell was damaged and is removed; recompute it
         if m is not None:
             log.info("cell %s already finished: restored its results (resume=false recomputes)", key)
+            if task == "linearize":
+                print(f"[cell {key} done before] linearization | results in {run_dir}")
+                return float(m.get("objective", float("nan")))
             print(f"[cell {key} done before] robust accuracy {m['robust_accuracy']:.4f} | results in {run_dir}")
             return float(m["robust_accuracy"])
     try:
@@ -343,6 +364,10 @@ def execute(cfg: DictConfig, run_dir: Path, multirun: bool = False, overrides: l
             return float("nan")
         raise
     store.put(key, run_dir, cfg)
+    if task == "linearize":
+        print(f"linearization of {metrics['model']} ({metrics['n_units']} units, boundary {metrics['boundary']}) | "
+              f"results in {run_dir}")
+        return float(metrics.get("objective", float("nan")))
     print(f"clean accuracy {metrics['clean_accuracy']:.4f} | robust accuracy {metrics['robust_accuracy']:.4f} "
           f"({metrics['attack']}, {metrics['norm']}, eps={metrics['eps']}) | results in {run_dir}")
     return float(metrics["robust_accuracy"])

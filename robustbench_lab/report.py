@@ -106,17 +106,33 @@ def _plots(df: pd.DataFrame, summ: pd.DataFrame, out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     made = []
-    # robust accuracy vs epsilon per attack x defense
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for (atk, dfn, norm), g in summ.groupby(["attack", "defense", "norm"], dropna=False):
-        g = g.sort_values("eps")
-        ax.errorbar(g["eps"], g["robust_accuracy"], yerr=g["robust_accuracy_ci95"].fillna(0), marker="o", ms=3,
-                    capsize=2, label=f"{atk} / {dfn} ({norm})")
-    ax.set_xlabel("epsilon")
-    ax.set_ylabel("robust accuracy")
-    ax.set_ylim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    # robust accuracy vs epsilon per attack x defense, one panel per norm. Fixed-epsilon cells are points
+    # (mean over seeds, 95% CI); a minimization attack run without epsilon (TR, CW, DeepFool) is scored at
+    # every epsilon, so its run's robust_accuracy_curve.csv is drawn as a line (one per seed).
+    norms = sorted(summ["norm"].dropna().astype(str).unique()) or ["?"]
+    fig, axes = plt.subplots(1, len(norms), figsize=(5.5 * len(norms), 3.8), squeeze=False)
+    for ax, norm in zip(axes[0], norms):
+        part = summ[summ["norm"].astype(str) == norm]
+        fixed = part[part["eps"].notna()]
+        for (atk, dfn), g in fixed.groupby(["attack", "defense"], dropna=False):
+            g = g.sort_values("eps")
+            ax.errorbar(g["eps"], g["robust_accuracy"], yerr=g["robust_accuracy_ci95"].fillna(0), marker="o",
+                        ms=3, capsize=2, label=f"{atk} / {dfn}")
+        free = df[(df["norm"].astype(str) == norm) & df["eps"].isna()] if "run_dir" in df else df.iloc[:0]
+        for (atk, dfn), g in free.groupby(["attack", "defense"], dropna=False):
+            label = f"{atk} / {dfn} (min. norm)"
+            for run_dir in g["run_dir"]:
+                curve_file = Path(run_dir) / "robust_accuracy_curve.csv"
+                if not curve_file.is_file():
+                    continue
+                c = pd.read_csv(curve_file)
+                ax.plot(c["eps"], c["robust_accuracy"], drawstyle="steps-post", lw=1.2, label=label)
+                label = None
+        ax.set_xlabel(f"epsilon ({norm})")
+        ax.set_ylabel("robust accuracy")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     made.append(out / "robust_vs_eps.png")
     fig.savefig(made[-1], dpi=110)
@@ -152,9 +168,10 @@ def _plots(df: pd.DataFrame, summ: pd.DataFrame, out: Path) -> list[Path]:
     ax.errorbar(range(len(summ)), summ["robust_accuracy"], yerr=summ["robust_accuracy_ci95"].fillna(0), fmt="o",
                 capsize=3)
     if "seed" in df:
-        key = df[["attack", "defense", "eps"]].astype(str).agg("/".join, axis=1)
-        pos = {f"{r.attack}/{r.defense}/{r.eps}": i for i, r in enumerate(summ.itertuples())}
-        xs = [pos.get(k, np.nan) for k in key]
+        # keyed through _fmt so a missing epsilon (NaN) matches itself (pandas' astype(str) keeps NaN)
+        pos = {(r.attack, r.defense, r.norm, _fmt(r.eps)): i for i, r in enumerate(summ.itertuples())}
+        xs = [pos.get((a, d, n, _fmt(e)), np.nan)
+              for a, d, n, e in zip(df["attack"], df["defense"], df["norm"], df["eps"])]
         ax.scatter(xs, df["robust_accuracy"], s=8, alpha=0.5, color="gray")
     ax.set_xticks(range(len(summ)))
     ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=6)

@@ -142,3 +142,33 @@ def test_checks_recorded_in_metrics(tmp_root):
     assert m["checks"]["zero_gradients"]["doc"] == "docs/checks/zero_gradients.md"
     assert m["audit"].startswith("max perturbation")
     assert "Sanity checks" in (tmp_root / "r" / "summary.md").read_text()
+
+
+def _cascade_table(rows):
+    """rows: attack -> (attacked, success) boolean lists over the same 10 points, in cascade order."""
+    import pandas as pd
+    clean = [True] * 9 + [False]
+    return pd.concat([pd.DataFrame({"index": range(10), "attack": name, "clean_correct": clean,
+                                    "attacked": att, "success": suc}) for name, (att, suc) in rows.items()])
+
+
+def test_cascade_evidence_counts_points_the_white_box_attacks_missed():
+    """BPDA and Square later in a cascade only see points PGD left robust: what they break, PGD missed."""
+    from robustbench_lab.checks import _stronger, attack_kind, cascade_evidence
+    atks = [build_attack(compose([f"attack={a}", "attack.eps=0.1"]).attack)[0] for a in ("pgd", "pgd_bpda", "square")]
+    assert [attack_kind(a) for a in atks] == ["white_box", "bpda", "black_box"]
+    T, F = True, False
+    pgd = ([T] * 9 + [F], [T, T, T, T, F, F, F, F, F, F])
+    bpda = ([F] * 4 + [T] * 5 + [F], [F] * 4 + [T, T, F, F, F, F])
+    square = ([F] * 6 + [T] * 3 + [F], [F] * 6 + [T, F, F, F])
+    table = _cascade_table({atks[0].name: pgd, atks[1].name: bpda, atks[2].name: square})
+    cas = cascade_evidence(atks, table, 10)
+    mask = cas.pop("white_box_mask")
+    assert mask.tolist() == [F] * 4 + [T] * 5 + [F]        # robust after PGD alone: 5 of 10
+    assert cas["bpda_extra"] == 2 and cas["black_box_extra"] == 1 and cas["bpda_extra_fraction"] == 0.2
+    fired, value, msg = _stronger("bpda", "bpda", 0.5, 0.5, cas)   # the probe alone would stay quiet
+    assert fired and value["cascade_extra_broken"] == 2 and "2 points" in msg
+    # without a white-box attack before them, adaptive/black-box successes testify to nothing
+    cas2 = cascade_evidence(atks[1:], table[table["attack"] != atks[0].name], 10)
+    assert cas2 == {"white_box_mask": None}
+    assert not _stronger("bpda", "bpda", 0.5, 0.5, cas2)[0]

@@ -64,6 +64,23 @@ def test_aggregation_from_run_directories(tmp_path):
         assert w[k].stat().st_size > 1000
 
 
+def test_aggregation_with_minimization_attacks_without_eps(tmp_path):
+    """A TR/CW/DeepFool cell run without epsilon (eps None) is scored by its curve; seeds still group."""
+    for s, r in enumerate([0.0, 0.1]):
+        d = tmp_path / "sweep" / f"{s}_tr"
+        _fake_run(d, attack="trust_region", eps=None, seed=s, robust_accuracy=r)
+        pd.DataFrame({"eps": [0.0, 0.01, 0.02], "robust_accuracy": [0.9, 0.4, r]}).to_csv(
+            d / "robust_accuracy_curve.csv", index=False)
+    _fake_run(tmp_path / "sweep" / "2_pgd", robust_accuracy=0.3)
+    w = aggregate([tmp_path / "sweep"], tmp_path / "out")
+    summ = pd.read_csv(w["summary"])
+    tr = summ[summ["attack"] == "trust_region"]
+    assert len(tr) == 1 and tr["eps"].isna().all() and tr["n_seeds"].iloc[0] == 2
+    assert abs(tr["robust_accuracy"].iloc[0] - 0.05) < 1e-12
+    for k in ("robust_vs_eps", "seed_spread"):
+        assert w[k].stat().st_size > 1000
+
+
 def test_report_cli(tmp_path):
     _fake_run(tmp_path / "r")
     p = subprocess.run([sys.executable, "-m", "robustbench_lab.report", str(tmp_path)], capture_output=True,
