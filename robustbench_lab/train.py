@@ -91,7 +91,14 @@ def train(model: nn.Module, splits: data_mod.Splits, recipe: Recipe, device: tor
         x_tr, y_tr = x_tr[:recipe.max_train], y_tr[:recipe.max_train]
     g = torch.Generator().manual_seed(int(seed))
     dev_g = torch.Generator(device=device).manual_seed(int(seed) + 1)
+    # Optional procedure hooks: ``prepare(model, splits, device)`` builds per-training state (neural guidance
+    # fits its targets and sizes its head), ``parameters()`` are extra trainable tensors (that head) that share
+    # the model's optimizer and schedule but are not part of the model (nor of its checkpoint).
+    if callable(getattr(procedure, "prepare", None)):
+        procedure.prepare(model, splits, device)   # type: ignore[attr-defined]
     params = [p for p in model.parameters() if p.requires_grad]
+    if callable(getattr(procedure, "parameters", None)):
+        params += [p for p in procedure.parameters() if p.requires_grad]   # type: ignore[attr-defined]
     if recipe.optimizer == "sgd":
         opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum,
                                                      nesterov=recipe.nesterov and recipe.momentum > 0,
@@ -164,7 +171,11 @@ def get_or_train(model: nn.Module, spec: dict[str, Any], splits: data_mod.Splits
             model.to(device).eval()
             return {**meta, "cache_hit": True}
         log.info("training %s (checkpoint key %s)", spec.get("model", {}).get("name", "model"), key)
-        hist = train(model, splits, recipe, device, seed, procedure, progress)
+        fit = getattr(procedure, "fit", None)
+        if callable(fit):   # a procedure with its own schedule (ACL: cached pre-training, then fine-tuning)
+            hist = fit(model, splits, recipe, device, seed, cache=cache, spec=spec, progress=progress)
+        else:
+            hist = train(model, splits, recipe, device, seed, procedure, progress)
         test_acc = accuracy(model, splits.x_test, splits.y_test, device)
         extra = {"history": hist, "test_accuracy": test_acc, "train_seconds": hist["seconds"][-1] if hist["seconds"] else 0.0}
         cache.save(key, model.cpu(), spec, extra)
