@@ -1,7 +1,8 @@
 """Entry point: ``python run.py attack=<name> defense=<name> model=<name> data=<name> [overrides]``.
 
 Thin by design: Hydra composes the config, ``robustbench_lab.app.run`` does the work and returns the metrics;
-the return value (robust accuracy) is what a Hydra sweeper would optimize. Around it: resumable cells (a
+the return value (robust accuracy) is what a Hydra sweeper would optimize. ``task=linearize`` runs the
+ResNet linearization analysis instead (``robustbench_lab.linearization.app.run_linearize``). Around it: resumable cells (a
 finished cell of a re-launched sweep is restored, not recomputed) and, in a multirun, failure capture so one
 failing job does not stop the others.
 """

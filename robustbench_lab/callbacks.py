@@ -21,6 +21,9 @@ class AggregateOnMultirunEnd(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         if not sweep_dir.exists():
             return
+        if config.get("task", "evaluate") != "evaluate":   # the comparison tables are of evaluations
+            log.info("task=%s sweep: no evaluation comparison (each run has its own summary.md)", config.task)
+            return
         written = aggregate([sweep_dir], sweep_dir)
         _, failed = collect([sweep_dir])
         log.info("sweep comparison: %s", written["md"])

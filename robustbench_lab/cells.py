@@ -44,7 +44,25 @@ def relevant_config(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     data.pop("root", None)       # where the files are does not change them
     data.pop("download", None)
     out["data"] = data
+    if out.get("task", "evaluate") == "evaluate":   # evaluation cells keep the keys they had before task=
+        out.pop("task", None)
+        out.pop("linearize", None)
     return out
+
+
+def result_files(cell_dir: Path) -> tuple[str, ...]:
+    """The files a cell holds: the evaluation's, plus any plain file names its metrics.json lists under
+    ``result_files`` (a task=linearize run writes other tables and plots)."""
+    extra: list[str] = []
+    try:
+        listed = json.loads((cell_dir / METRICS_FILE).read_text()).get("result_files") or []
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        listed = []
+    for name in listed:
+        ok = isinstance(name, str) and name and Path(name).name == name   # a plain name, never a path
+        if ok and name not in RESULT_FILES + (MANIFEST, "cell_config.json"):
+            extra.append(name)
+    return RESULT_FILES + tuple(extra)
 
 
 def cell_key(cfg: DictConfig | dict[str, Any]) -> str:
@@ -70,7 +88,7 @@ class CellStore:
                 return dst                 # a damaged cell is replaced by this run's results
             tmp = Path(tempfile.mkdtemp(dir=self.dir, prefix=f".{key}."))
             try:
-                for name in RESULT_FILES:
+                for name in result_files(run_dir):
                     if (run_dir / name).is_file() and name != METRICS_FILE:
                         shutil.copy2(run_dir / name, tmp / name)
                 (tmp / "cell_config.json").write_text(canonical_json(relevant_config(cfg)))
@@ -124,7 +142,7 @@ class CellStore:
             self.discard(key)
             return None
         run_dir.mkdir(parents=True, exist_ok=True)
-        for name in RESULT_FILES:
+        for name in result_files(src):
             if (src / name).is_file() and name != METRICS_FILE:
                 shutil.copy2(src / name, run_dir / name)
         metrics = json.loads((src / METRICS_FILE).read_text())

@@ -91,6 +91,60 @@ class NoLoggerSchema:
 
 
 @dataclass
+class LinearizePerturbationSchema:
+    """The perturbations pushed through the network (task=linearize, propagation and energy)."""
+
+    attack: Any = None            # open: an Attack node (_target_, norm: l2, eps, ...), built by app.build_attack
+    l2: Optional[float] = None    # null: the random d gets each image's adversarial L2 norm; a number: both get it
+
+
+@dataclass
+class LinearizeSweepSchema:
+    """Skip-scale (lambda) and weight-scale sweeps on one unit."""
+
+    unit: str = "s3u2"
+    skip_scales: List[float] = field(default_factory=lambda: [0.0, 0.5, 0.9, 1.0, 1.1, 2.0])
+    weight_scales: List[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    n_images: int = 2
+    method: str = "auto"
+
+
+@dataclass
+class LinearizeStagesSchema:
+    """Whole-stage linearizations (large: top/bottom-k by Lanczos unless explicit is affordable)."""
+
+    method: str = "lanczos"
+    k: int = 6
+    which: str = "both"
+    n_images: int = 2
+
+
+@dataclass
+class LinearizeSchema:
+    """``task=linearize`` (robustbench_lab/linearization/app.py); defaults and docs: conf/linearize/default.yaml."""
+
+    backend: str = "torch"
+    boundary: str = "pre"
+    method: str = "auto"
+    k: int = 6
+    which: str = "both"
+    lanczos_maxiter: Optional[int] = 100
+    explicit_max: int = 4096
+    dtype: str = "float32"
+    batch_size: int = 256
+    n_images: int = 8
+    units: Any = "all"            # "all" | N (N evenly spaced units per stage) | list of unit names
+    explicit_units: List[str] = field(default_factory=list)
+    explicit_images: int = 2
+    hist_units: Optional[List[str]] = None
+    tol: float = 1e-3
+    analyses: List[str] = field(default_factory=lambda: ["units", "stages", "sweep", "propagation", "energy"])
+    stages: LinearizeStagesSchema = field(default_factory=LinearizeStagesSchema)
+    sweep: LinearizeSweepSchema = field(default_factory=LinearizeSweepSchema)
+    perturbation: LinearizePerturbationSchema = field(default_factory=LinearizePerturbationSchema)
+
+
+@dataclass
 class Config:
     """The primary config. Defaults live in conf/config.yaml; these are the types."""
 
@@ -108,6 +162,8 @@ class Config:
     checks: str = "quick"
     resume: bool = True
     num_threads: Optional[int] = None
+    task: str = "evaluate"        # evaluate | linearize (robustbench_lab/linearization/app.py)
+    linearize: LinearizeSchema = field(default_factory=LinearizeSchema)
 
 
 def register() -> None:

@@ -1,0 +1,336 @@
+"""``task=linearize``: the linearization analysis of a trained ResNet (Rothauge et al., arXiv 1905.13386).
+
+``run_linearize(cfg, run_dir)`` is called by ``robustbench_lab.app.run`` when ``task=linearize``. Data flow:
+validate the ``linearize`` node (before any data is read) -> model from the same checkpoint cache as an
+evaluation (trained if absent; BatchNorm in eval mode, parameters frozen) -> test images (the first
+``n_images`` correctly classified points of the ``data.n_eval`` subset) -> the analyses of
+``robustbench_lab.linearization.experiments`` -> tables, plots, ``summary.md`` and ``metrics.json`` (last,
+through ``ResultWriter``: a directory with ``metrics.json`` holds complete results). The cell store of
+``app.execute`` restores a finished run like an evaluation cell (the files are listed in ``result_files``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from .. import data as data_mod
+from ..attack_base import Attack
+from ..cache import CheckpointCache, load_weights
+from ..defense_base import Defense
+from ..errors import ConfigError
+from ..model import Classifier, eval_frozen, predict
+from ..results import ResultWriter
+from ..tracking import make_tracker
+from ..train import Recipe, get_or_train
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("torch", "jax")
+BOUNDARY_OPTIONS = ("pre", "post", "both")
+METHODS = ("auto", "explicit", "lowrank", "lanczos")
+DTYPES = ("float32", "float64")
+WHICH = ("both", "LM", "SM")
+ANALYSES = ("units", "stages", "sweep", "propagation", "energy")
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """The validated ``linearize`` node (plain values). See conf/linearize/default.yaml for the meaning."""
+
+    backend: str
+    boundaries: tuple[str, ...]          # ("pre",), ("post",) or ("pre", "post")
+    method: str
+    k: int
+    which: str                           # Lanczos ends: both, LM (top-k only), SM (bottom-k only)
+    lanczos_maxiter: int | None
+    explicit_max: int
+    dtype: torch.dtype
+    batch_size: int
+    n_images: int
+    units: Any                           # "all" | int | list of names (resolved against the net later)
+    explicit_units: tuple[str, ...]
+    explicit_images: int
+    hist_units: tuple[str, ...] | None
+    tol: float
+    analyses: tuple[str, ...]
+    stage_method: str
+    stage_k: int
+    stage_which: str
+    stage_images: int
+    sweep_unit: str
+    skip_scales: tuple[float, ...]
+    weight_scales: tuple[float, ...]
+    sweep_images: int
+    sweep_method: str
+    perturb_l2: float | None
+
+    @property
+    def images_needed(self) -> int:
+        n = [1]
+        if {"units", "propagation", "energy"} & set(self.analyses):
+            n.append(self.n_images)
+        if "units" in self.analyses and self.explicit_units:
+            n.append(self.explicit_images)
+        if "stages" in self.analyses:
+            n.append(self.stage_images)
+        if "sweep" in self.analyses:
+            n.append(self.sweep_images)
+        return max(n)
+
+
+def _int(node: DictConfig, key: str, lo: int, full: str) -> int:
+    v = node.get(key)
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise ConfigError(full, v, f"an integer >= {lo}")
+    return int(v)
+
+
+def _choice(v: Any, allowed: tuple[str, ...], full: str) -> str:
+    if v not in allowed:
+        raise ConfigError(full, v, allowed)
+    return str(v)
+
+
+def _numbers(v: Any, full: str, lo: float | None = None) -> tuple[float, ...]:
+    seq = OmegaConf.to_container(v) if OmegaConf.is_config(v) else v
+    if not isinstance(seq, (list, tuple)) or not seq or not all(
+            isinstance(a, (int, float)) and not isinstance(a, bool) for a in seq):
+        raise ConfigError(full, v, "a non-empty list of numbers")
+    if lo is not None and any(a < lo for a in seq):
+        raise ConfigError(full, v, f"numbers >= {lo}")
+    return tuple(float(a) for a in seq)
+
+
+def _names(v: Any, full: str) -> tuple[str, ...]:
+    seq = OmegaConf.to_container(v) if OmegaConf.is_config(v) else v
+    if seq is None:
+        return ()
+    if isinstance(seq, str) or not isinstance(seq, (list, tuple)) or not all(isinstance(a, str) for a in seq):
+        raise ConfigError(full, v, "a list of unit names, e.g. [s1u1, s3u9]")
+    return tuple(seq)
+
+
+def parse_options(cfg: DictConfig) -> Options:
+    """Check the ``linearize`` node's values (its keys and types are checked at composition)."""
+    lin = cfg.linearize
+    backend = _choice(lin.backend, BACKENDS, "linearize.backend")
+    boundary = _choice(lin.boundary, BOUNDARY_OPTIONS, "linearize.boundary")
+    boundaries = ("pre", "post") if boundary == "both" else (boundary,)
+    method = _choice(lin.method, METHODS, "linearize.method")
+    dtype_name = _choice(lin.dtype, DTYPES, "linearize.dtype")
+    tol = lin.tol
+    if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not tol > 0:
+        raise ConfigError("linearize.tol", tol, "a number > 0")
+    analyses = _names(lin.analyses, "linearize.analyses")
+    for i, a in enumerate(analyses):
+        if a not in ANALYSES:
+            raise ConfigError(f"linearize.analyses[{i}]", a, ANALYSES)
+    units = lin.units
+    units = OmegaConf.to_container(units) if OmegaConf.is_config(units) else units
+    if not (units == "all" or (isinstance(units, int) and not isinstance(units, bool) and units >= 1)
+            or (isinstance(units, list) and units and all(isinstance(u, str) for u in units))):
+        raise ConfigError("linearize.units", units, "all, N (evenly spaced units per stage, N >= 1), or a "
+                          "non-empty list of unit names such as [s1u1, s3u9]")
+    l2 = lin.perturbation.l2
+    if l2 is not None and (not isinstance(l2, (int, float)) or isinstance(l2, bool) or not l2 > 0):
+        raise ConfigError("linearize.perturbation.l2", l2, "null (the adversarial norm) or a number > 0")
+    hist = lin.get("hist_units")
+    maxiter = lin.get("lanczos_maxiter")
+    if maxiter is not None and (isinstance(maxiter, bool) or not isinstance(maxiter, int) or maxiter < 1):
+        raise ConfigError("linearize.lanczos_maxiter", maxiter, "null (ARPACK's default) or an integer >= 1")
+    return Options(
+        backend=backend, boundaries=boundaries, method=method, k=_int(lin, "k", 1, "linearize.k"),
+        which=_choice(lin.which, WHICH, "linearize.which"), lanczos_maxiter=maxiter,
+        explicit_max=_int(lin, "explicit_max", 1, "linearize.explicit_max"),
+        dtype=getattr(torch, dtype_name), batch_size=_int(lin, "batch_size", 1, "linearize.batch_size"),
+        n_images=_int(lin, "n_images", 1, "linearize.n_images"), units=units,
+        explicit_units=_names(lin.explicit_units, "linearize.explicit_units"),
+        explicit_images=_int(lin, "explicit_images", 1, "linearize.explicit_images"),
+        hist_units=None if hist is None else _names(hist, "linearize.hist_units"),
+        tol=float(tol), analyses=analyses,
+        stage_method=_choice(lin.stages.method, METHODS, "linearize.stages.method"),
+        stage_k=_int(lin.stages, "k", 1, "linearize.stages.k"),
+        stage_which=_choice(lin.stages.which, WHICH, "linearize.stages.which"),
+        stage_images=_int(lin.stages, "n_images", 1, "linearize.stages.n_images"),
+        sweep_unit=str(lin.sweep.unit),
+        skip_scales=_numbers(lin.sweep.skip_scales, "linearize.sweep.skip_scales"),
+        weight_scales=_numbers(lin.sweep.weight_scales, "linearize.sweep.weight_scales", lo=0.0),
+        sweep_images=_int(lin.sweep, "n_images", 1, "linearize.sweep.n_images"),
+        sweep_method=_choice(lin.sweep.method, METHODS, "linearize.sweep.method"),
+        perturb_l2=None if l2 is None else float(l2),
+    )
+
+
+def operator_factory(backend: str) -> Callable[..., Any]:
+    """``make(fn, x0, batch_size, dtype)`` -> a Jacobian operator (``n_in``, ``n_out``, ``jvp``, ``vjp``).
+
+    The JAX backend is imported only when asked for, so a machine without jax runs the torch backend.
+    """
+    if backend == "torch":
+        from .operators import TorchJacobian
+        return TorchJacobian
+    try:
+        import jax  # noqa: F401
+    except ImportError as e:
+        raise ConfigError("linearize.backend", backend, BACKENDS,
+                          "jax is not installed here; use linearize.backend=torch or install jax (pip install jax)"
+                          ) from e
+    from .jax_backend import JaxJacobian
+    return JaxJacobian
+
+
+def build_perturbation_attack(cfg: DictConfig) -> tuple[Attack, float | None]:
+    """The attack that makes the adversarial perturbations: an L2 Attack node, built like ``attack``."""
+    from ..app import build_attack
+    from ..norms import Norm
+    node = cfg.linearize.perturbation.get("attack")
+    if node is None or not OmegaConf.is_dict(node):
+        raise ConfigError("linearize.perturbation.attack", node, "an attack node with _target_ (as in "
+                          "conf/attack/*.yaml), norm l2")
+    atk, eps = build_attack(node, key="linearize.perturbation.attack")
+    if atk.norm is not Norm.L2:
+        raise ConfigError("linearize.perturbation.attack.norm", atk.norm.value, ["l2"],
+                          "random and adversarial perturbations are compared at equal L2 norm")
+    return atk, eps
+
+
+def _training_defense(cfg: DictConfig) -> Defense:
+    """The defense node decides the checkpoint (its training procedure); a model transform is refused."""
+    from ..app import build_defense
+    defense = build_defense(cfg.defense)
+    if type(defense).transform is not Defense.transform:
+        raise ConfigError("defense", cfg.defense.get("name"), "none or a training-time defense (adv_training, "
+                          "trades)", "task=linearize analyses the trained network as is; a model transform "
+                          "such as jumprelu would not be applied")
+    return defense
+
+
+def run_linearize(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """Run the analyses of ``cfg.linearize.analyses`` and write their results into ``run_dir``.
+
+    Returns the metrics (also written as ``metrics.json``, last). Raises ``ConfigError`` for a bad value,
+    before any data is read.
+    """
+    from ..app import build_model, resolve_device, validate
+
+    t_start = time.time()
+    run_dir = Path(run_dir)
+    validate(cfg)
+    opts = parse_options(cfg)
+    make_op = operator_factory(opts.backend)
+    device = resolve_device(cfg.device)
+    defense = _training_defense(cfg)
+    recipe = Recipe.from_config(cfg.model.get("train"))
+    attack: tuple[Attack, float | None] | None = None
+    if {"propagation", "energy"} & set(opts.analyses):
+        attack = build_perturbation_attack(cfg)
+    if int(cfg.data.n_eval) < opts.images_needed:
+        raise ConfigError("data.n_eval", int(cfg.data.n_eval), f"an integer >= {opts.images_needed}",
+                          "the images of the linearization are drawn from the evaluation subset")
+    # the architecture must have residual units: checked on a fresh build, before any data is read
+    from . import experiments as ex
+    card = data_mod.get_card(cfg.data.name)
+    probe = build_model(cfg, card)
+    ex.check_units(probe.net, opts, cfg.model.name)
+
+    tracker = make_tracker(cfg.get("logger"))
+    tracker.start(config=OmegaConf.to_container(cfg, resolve=True), run_dir=run_dir,
+                  name=f"linearize-{cfg.model.name}-{cfg.data.name}-s{cfg.seed}",
+                  group=cfg.logger.get("group") if cfg.get("logger") else None,
+                  tags=["task:linearize", f"model:{cfg.model.name}", f"data:{cfg.data.name}",
+                        f"defense:{cfg.defense.name}"], job_type="linearize")
+    exit_code = 1
+    try:
+        metrics = _run(cfg, run_dir, opts, make_op, device, defense, recipe, attack, tracker, t_start)
+        exit_code = 0
+        return metrics
+    finally:
+        tracker.finish(exit_code)
+
+
+def _load_model(cfg: DictConfig, device: torch.device, defense: Defense, recipe: Recipe,
+                splits: data_mod.Splits) -> tuple[Classifier, dict[str, Any]]:
+    """The trained model from the checkpoint cache (trained if absent) or ``model.checkpoint``; as in an
+    evaluation run, so both tasks share one cache entry for the same model, data split, recipe and seed."""
+    from ..app import build_model, checkpoint_spec
+    if cfg.model.get("checkpoint"):
+        model = build_model(cfg, splits.card)
+        load_weights(model, Path(cfg.model.checkpoint), what="model.checkpoint")
+        return model.to(device).eval(), {"checkpoint": str(cfg.model.checkpoint), "cache_hit": None}
+    spec = checkpoint_spec(cfg, recipe, defense)
+    torch.manual_seed(spec["seed"])
+    model = build_model(cfg, splits.card)   # fresh init under the training seed
+    cache = CheckpointCache(Path(cfg.paths.cache_dir) / "checkpoints")
+    meta = get_or_train(model, spec, splits, recipe, cache, device, spec["seed"], defense.training_procedure(),
+                        progress=bool(cfg.get("progress", True)))
+    return model.to(device).eval(), {
+        "checkpoint": str(cache.weights_path(meta["key"])), "cache_hit": meta["cache_hit"],
+        "checkpoint_test_accuracy": meta.get("test_accuracy"), "train_seconds": meta.get("train_seconds")}
+
+
+def _run(cfg: DictConfig, run_dir: Path, opts: Options, make_op: Callable[..., Any], device: torch.device,
+         defense: Defense, recipe: Recipe, attack: tuple[Attack, float | None] | None, tracker: Any,
+         t_start: float) -> dict[str, Any]:
+    from . import experiments as ex
+
+    torch.manual_seed(int(cfg.seed))
+    if cfg.model.get("checkpoint"):   # before the data: a file that does not fit the model card fails at once
+        from ..app import build_model
+        load_weights(build_model(cfg, data_mod.get_card(cfg.data.name)), Path(cfg.model.checkpoint),
+                     what="model.checkpoint")
+    splits = data_mod.load_splits(cfg.data.name, cfg.data.root, bool(cfg.data.download), int(cfg.data.n_val),
+                                  int(cfg.data.n_eval), int(cfg.data.split_seed))
+    model, ckpt_info = _load_model(cfg, device, defense, recipe, splits)
+    writer = ResultWriter(run_dir)
+
+    x_all = data_mod.to_float(splits.x_eval).to(device)
+    y_all = splits.y_eval.to(device)
+    pred = predict(model, x_all, batch_size=int(cfg.batch_size))
+    correct = (pred == y_all).nonzero().flatten()
+    if correct.numel() < opts.images_needed:
+        raise ConfigError("data.n_eval", int(cfg.data.n_eval), f"enough points for {opts.images_needed} "
+                          f"correctly classified images", f"only {correct.numel()} of the subset are correct")
+    sel = correct[:opts.images_needed]
+    images = ex.Images(x=x_all[sel], y=y_all[sel], index=splits.eval_indices[sel.cpu()].tolist())
+
+    with eval_frozen(model, warn_train=False):   # BatchNorm on running statistics; no parameter gradients
+        ctx = ex.Context(model=model, opts=opts, images=images, writer=writer, make_op=make_op,
+                         seed=int(cfg.seed), label=f"{cfg.model.name} / {cfg.data.name}")
+        results = ex.run_all(ctx, attack)
+
+    metrics: dict[str, Any] = {
+        "task": "linearize", "dataset": cfg.data.name, "model": cfg.model.name, "defense": cfg.defense.name,
+        "attack": attack[0].name if attack else None, "norm": "l2", "eps": attack[1] if attack else None,
+        "block": ctx.block_type, "boundary": "+".join(opts.boundaries), "backend": opts.backend,
+        "method": opts.method, "k": opts.k, "tol": opts.tol, "dtype": str(opts.dtype).replace("torch.", ""),
+        "analyses": list(opts.analyses), "n_images": len(images.index), "image_indices": images.index,
+        "n_units": len(ctx.all_units), "n_units_analysed": len(ctx.units), "units": [u.name for u in ctx.units],
+        "clean_accuracy": float((pred == y_all).float().mean()), "n_examples": int(y_all.numel()),
+        **results.metrics, "seed": int(cfg.seed), "device": str(device), **ckpt_info,
+        "torch_version": torch.__version__, "python": platform.python_version(), "pid": os.getpid(),
+        "started_at": t_start,
+    }
+    # what app.execute returns (a sweeper's objective): the adversarial/random jump at the last unit
+    metrics["objective"] = metrics.get("propagation/adv_over_random_last", float("nan"))
+    metrics["seconds"] = time.time() - t_start
+    metrics["finished_at"] = time.time()
+    writer.write_text("summary.md", ex.summary_markdown(metrics, results.sections))
+    metrics["result_files"] = sorted(writer.files)
+    final = writer.commit(metrics)
+    tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    for name, df in results.tables.items():
+        tracker.log_table(name, df)
+    for name in metrics["result_files"]:
+        if name.endswith(".png"):
+            tracker.log_image(name[:-4], run_dir / name)
+    log.info("results: %s", final.parent)
+    return metrics
