@@ -397,7 +397,7 @@ def unit_spectra(ctx: Context, res: Results) -> None:
                 stats.append(st)
             pooled[(b, ref.name)] = specs
             rows.append({"boundary": b, "block": type(block).__name__, "unit": ref.name, "stage": ref.stage + 1,
-                         "index": ref.index, **_aggregate(specs, stats)})
+                         "index": ref.index + 1, **_aggregate(specs, stats)})
             log.info("unit %s (%s): %s, frac_one %.3f [%.3f, %.3f], top1 %.3f", ref.name, b, rows[-1]["method"],
                      rows[-1]["frac_one"], rows[-1]["frac_one_lo"], rows[-1]["frac_one_hi"], rows[-1]["top1"])
     df = pd.DataFrame(rows)
@@ -415,7 +415,7 @@ def unit_spectra(ctx: Context, res: Results) -> None:
                 fn = unit_function(block, boundary=b)
                 specs, stats = [], []
                 for i in range(xe.shape[0]):
-                    sp = ctx.spectrum(fn, x0[i], "explicit", o.k)
+                    sp = ctx.spectrum(fn, x0[i], "explicit", o.k, boundary=b)
                     st = spectrum_stats(sp, o.tol)
                     _record(ctx, "unit_explicit", b, ref.name, "trained", ctx.images.index[i], sp, st,
                             block=type(block).__name__)
@@ -423,7 +423,7 @@ def unit_spectra(ctx: Context, res: Results) -> None:
                     stats.append(st)
                 explicit[(b, ref.name)] = specs
                 erows.append({"boundary": b, "block": type(block).__name__, "unit": ref.name, "stage": ref.stage + 1,
-                              "index": ref.index, **_aggregate(specs, stats)})
+                              "index": ref.index + 1, **_aggregate(specs, stats)})
         edf = pd.DataFrame(erows)
         ctx.writer.write_csv("unit_spectra_explicit.csv", edf)
         res.tables["unit_spectra_explicit"] = edf
@@ -438,6 +438,14 @@ def unit_spectra(ctx: Context, res: Results) -> None:
         res.metrics[f"units/{b}/frac_one_mean_complete"] = float(complete["frac_one"].mean()) if len(complete) \
             else math.nan
         res.metrics[f"units/{b}/top1_max"] = float(sub["sigma_max"].max())
+        for st, g in sub.groupby("stage"):
+            gc = g[g["complete"]]
+            res.metrics[f"units/{b}/stage{st}/frac_one_mean"] = float(gc["frac_one"].mean()) if len(gc) else math.nan
+            res.metrics[f"units/{b}/stage{st}/top1_mean"] = float(g["top1"].mean())
+            res.metrics[f"units/{b}/stage{st}/spread_rel_mean"] = float(g["spread_rel_mean"].mean())
+        if o.explicit_units:
+            for _, r in edf[edf["boundary"] == b].iterrows():
+                res.metrics[f"units_explicit/{b}/{r['unit']}/frac_one"] = float(r["frac_one"])
         res.metrics[f"units/{b}/spread_rel_mean"] = float(sub["spread_rel_mean"].mean())
     res.metrics["units/seconds"] = float(df["seconds"].sum())
     lines = [f"## Unit spectra ({ctx.block_type}; tol {o.tol})", "",
@@ -756,6 +764,8 @@ def propagation(ctx: Context, res: Results, pert: Perturbations) -> None:
     _plot_propagation(ctx, df, names)
     stage_ends = [names.index(u.name) for k, u in enumerate(ctx.all_units)
                   if k + 1 == len(ctx.all_units) or ctx.all_units[k + 1].stage != u.stage]
+    for s_no, j in enumerate(stage_ends, start=1):
+        res.metrics[f"propagation/adv_over_random_stage{s_no}_end"] = float(np.nanmedian(ratio[j]))
     lines = [f"## Perturbation propagation ({ctx.block_type}; states = unit outputs, after the post-addition ReLU)",
              "", f"`propagation.csv` (one row per image x kind x state), `propagation.png`, `perturbations.npz`. "
              f"{len(pert.index)} images; the attack fooled {int(pert.adv_success.sum())}; "
