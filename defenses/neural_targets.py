@@ -47,7 +47,6 @@ their ``--shuffle`` predictor training).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import math
 from pathlib import Path
@@ -60,6 +59,7 @@ from torch import nn
 
 from robustbench_lab import data as data_mod
 from robustbench_lab import zoo
+from robustbench_lab.cache import sha256_file
 from robustbench_lab.errors import ConfigError
 from robustbench_lab.model import Classifier
 
@@ -97,14 +97,6 @@ def _check_pos_int(key: str, v: Any, minimum: int = 1) -> int:
 def _plain(node: Any) -> Any:
     from omegaconf import OmegaConf
     return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @torch.no_grad()
@@ -699,7 +691,7 @@ class ModelStageTarget(TargetSource):
         if self.checkpoint and not Path(self.checkpoint).expanduser().is_file():
             raise ConfigError(f"{key}.checkpoint", checkpoint, "null (the harness's cached network) or an existing "
                               "weights file of the source architecture")
-        self._ckpt_sha = sha256_of(Path(self.checkpoint).expanduser()) if self.checkpoint else None
+        self._ckpt_sha = sha256_file(Path(self.checkpoint).expanduser()) if self.checkpoint else None
         self.cache_dir = cache_dir
         self._net: Classifier | None = None
         self.source_meta: dict[str, Any] = {}
@@ -876,7 +868,7 @@ def load_neural_file(path: str | Path, key: str = "defense.neural_target.path") 
                               f"dtype {region.dtype}, shape {region.shape}")
         reg = str(region.reshape(()).item())
         reg = reg.decode() if isinstance(reg, bytes) else reg
-    return NeuralData(str(p), sha256_of(p), average_repeats(responses.astype(np.float64)),
+    return NeuralData(str(p), sha256_file(p), average_repeats(responses.astype(np.float64)),
                       int(responses.shape[1]) if responses.ndim == 3 else 1, reg, ids, images)
 
 
