@@ -389,3 +389,64 @@ def test_run_trains_through_the_shared_loop_and_records_the_analysis(tmp_root):
     plain = Classifier(SmallCNN(1, 10), CARD.mean, CARD.std, 10).state_dict()
     assert set(load_file(m["checkpoint"])) == set(plain)          # the head is not part of the checkpoint
     assert (tmp_root / "run" / "neural_guidance_profile.csv").is_file()
+
+
+# ------------------------------------------------------------------------------- the study's end-of-sweep table
+def _ng_metrics(run: Path, arm: str, alpha: float, mode: str, level: int | None, label: str, robust: list[float],
+                smooth: list[float], seed: int = 0) -> None:
+    import json
+    run.mkdir(parents=True)
+    an = {"eps": [0.0, 0.02, 0.05], "robust_accuracy": robust, "smoothness": smooth,
+          "smoothness_score": float(np.mean(smooth[1:])), "rsa": 0.3, "n": 500}
+    dc = {"alpha": alpha, "analysis": an, "predictor": {"mode": mode}, "source_kind": "surrogate",
+          "target_label": label, "target_level": level, "target_fit": {"n_components": 10, "target_heldout_r": 0.9}}
+    (run / "metrics.json").write_text(json.dumps({"defense": arm, "defense_config": dc, "seed": seed, "eps": 0.02,
+                                                  "robust_accuracy": robust[1]}))
+
+
+def test_hierarchy_sweep_end_writes_the_ordered_labelled_table_and_plots(tmp_path, capsys):
+    """The experiment's Hydra callback tabulates the sweep at its end: guided arms by level, then controls,
+    seeds averaged, surrogate targets labelled model-derived; the by-level plot uses the run's attack.eps."""
+    import hydra
+    import pandas as pd
+    from omegaconf import OmegaConf
+
+    sweep = tmp_path / "sweep"
+    _ng_metrics(sweep / "0_baseline", "ng_baseline", 0.0, "direct", 4, "resnet20 stage 3", [0.8, 0.7, 0.4],
+                [0.1, 0.2, 0.3])
+    _ng_metrics(sweep / "1_stage3", "ng_stage3", 0.9, "direct", 4, "resnet20 stage 3", [0.78, 0.72, 0.5],
+                [0.1, 0.15, 0.25])
+    _ng_metrics(sweep / "2_v1", "ng_v1", 0.9, "direct", 1, "V1 Gabor bank", [0.77, 0.6, 0.3], [0.1, 0.2, 0.4])
+    _ng_metrics(sweep / "3_v1_s1", "ng_v1", 0.9, "direct", 1, "V1 Gabor bank", [0.79, 0.62, 0.2], [0.1, 0.2, 0.2],
+                seed=1)
+    _ng_metrics(sweep / "4_shuffled", "ng_shuffled", 0.9, "shuffled", 4, "resnet20 stage 3", [0.76, 0.66, 0.35],
+                [0.1, 0.2, 0.3])
+    (sweep / "5_failed").mkdir()                                           # a failed cell: no metrics.json
+
+    cfg = compose(["experiment=neural_guidance_hierarchy", "attack.eps=0.05"], return_hydra_config=True)
+    node = cfg.hydra.callbacks.neural_guidance_hierarchy_table
+    callback = hydra.utils.instantiate(node)
+    run_cfg = OmegaConf.merge(cfg, {"hydra": {"sweep": {"dir": str(sweep)}}, "defense": {"analysis": {"eps": [0.02, 0.05]}}})
+    callback.on_multirun_end(config=run_cfg)
+
+    table = pd.read_csv(sweep / "hierarchy_table.csv")
+    assert table["arm"].tolist() == ["ng_v1", "ng_stage3", "ng_baseline", "ng_shuffled"]
+    v1 = table.iloc[0]
+    assert v1["n_seeds"] == 2 and v1["robust@0.05"] == pytest.approx(0.25) and v1["clean_accuracy"] == pytest.approx(0.78)
+    assert table["role"].tolist() == ["guided", "guided", "control: alpha=0", "control: shuffled predictor"]
+    assert all(t.endswith("(model-derived)") for t in table["target"])
+    assert pd.isna(table.iloc[2]["level"])                                # a control is no level of the hierarchy
+    md = (sweep / "hierarchy_table.md").read_text()
+    assert "NOT brain data" in md and "robust@0.05" in md and "smooth@" not in md
+    for name in ("ng_robust_vs_eps.png", "ng_smoothness_by_level.png", "ng_robust_by_level.png"):
+        assert (sweep / name).stat().st_size > 1000, name
+    assert "hierarchy table written" in capsys.readouterr().out
+
+    # nothing to tabulate (every cell failed): a message, no exception, no file; the CLI exits 2
+    empty = tmp_path / "empty"
+    (empty / "0_x").mkdir(parents=True)
+    callback.on_multirun_end(config=OmegaConf.merge(run_cfg, {"hydra": {"sweep": {"dir": str(empty)}}}))
+    assert "not written" in capsys.readouterr().err and not (empty / "hierarchy_table.md").exists()
+    import importlib
+    plot = importlib.import_module("experiments.neural_guidance_hierarchy.plot")
+    assert plot.main([str(empty)]) == 2 and plot.main([str(tmp_path / "missing")]) == 2

@@ -2,6 +2,10 @@
 
     python experiments/neural_guidance_hierarchy/plot.py <sweep dir> [more dirs...] [--out DIR]
 
+Run automatically at the end of ``python run.py experiment=neural_guidance_hierarchy`` (the Hydra callback
+``WriteHierarchyOnMultirunEnd``); by hand, it re-tabulates any set of finished runs (e.g. several sweeps'
+seeds together).
+
 Reads every ``metrics.json`` below the given directories whose defense recorded a neural-guidance analysis
 (``defense_config.analysis``: robust accuracy and smoothness per epsilon, RSA) and writes into ``--out``
 (default: the first directory):
@@ -176,34 +180,75 @@ def plots(summ: pd.DataFrame, out: Path, eps: float) -> list[Path]:
     return made
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("dirs", nargs="+", help="sweep or run directories")
-    ap.add_argument("--out", default=None, help="output folder (default: the first directory)")
-    ap.add_argument("--eps", type=float, default=0.02, help="radius of robust_by_level.png (one of the analysis radii)")
-    a = ap.parse_args(argv)
-    for d in a.dirs:
+def write(dirs: Sequence[str | Path], out: str | Path | None = None, eps: float = 0.02) -> dict[str, Path]:
+    """Collects the runs below ``dirs`` and writes the table (csv, md) and plots into ``out`` (default: the
+    first directory). Returns the written paths by name. Raises FileNotFoundError for a missing directory and
+    ValueError when no finished run below them carries a neural-guidance analysis."""
+    for d in dirs:
         if not Path(d).exists():
-            print(f"error: no such directory: {d}", file=sys.stderr)
-            return 2
-    df = collect(a.dirs)
+            raise FileNotFoundError(f"no such directory: {d}")
+    df = collect(dirs)
     if df.empty:
-        print("error: no finished run with a neural-guidance analysis below " + ", ".join(a.dirs), file=sys.stderr)
-        return 2
-    out = Path(a.out or a.dirs[0])
+        raise ValueError("no finished run with a neural-guidance analysis below " + ", ".join(map(str, dirs)))
+    out = Path(out if out is not None else dirs[0])
     out.mkdir(parents=True, exist_ok=True)
     summ = summarize(df)
-    summ.to_csv(out / "hierarchy_table.csv", index=False)
+    written = {"csv": out / "hierarchy_table.csv", "md": out / "hierarchy_table.md"}
+    summ.to_csv(written["csv"], index=False)
     show = summ[[c for c in summ.columns if not c.startswith("smooth@")]]
-    (out / "hierarchy_table.md").write_text(
+    written["md"].write_text(
         "# Neural guidance along the surrogate hierarchy\n\n" + NOTE + "\n\n" + to_markdown(show) +
         "\nrobust@e: PGD robust accuracy at L-inf radius e (analysis points); smoothness_score: mean over the "
         "radii of the mean squared input-gradient norm of the loss at the PGD points (lower = smoother); rsa: "
         "Spearman correlation of the correlation-distance RDMs of the guided layer and of the target source on "
         "held-out test images. For alpha = 0 controls, `target` is only the RSA reference (they train on labels "
         "alone); for the random / shuffled controls it is the source the predictor was built from.\n")
-    made = plots(summ, out, a.eps)
-    print(f"wrote {out / 'hierarchy_table.md'} and " + ", ".join(p.name for p in made))
+    for p in plots(summ, out, eps):
+        written[p.stem] = p
+    return written
+
+
+try:   # the Hydra callback (Hydra is installed wherever run.py runs)
+    from hydra.experimental.callback import Callback
+
+    class WriteHierarchyOnMultirunEnd(Callback):
+        """Writes hierarchy_table.csv/.md and the ng_*.png plots into the sweep directory after the last job
+        (conf/experiment/neural_guidance_hierarchy.yaml); the by-level robust plot uses the run's attack.eps
+        when it is one of the analysis radii, else 0.02."""
+
+        def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
+            sweep = Path(config.hydra.sweep.dir)
+            if not sweep.exists():
+                return
+            eps = 0.02
+            try:
+                radii = [float(e) for e in config.defense.analysis.eps]
+                if config.attack.eps is not None and float(config.attack.eps) in radii:
+                    eps = float(config.attack.eps)
+            except Exception:   # a config without these keys: the default radius
+                pass
+            try:
+                w = write([sweep], eps=eps)
+            except ValueError as e:   # every cell failed: nothing to tabulate, the sweep's own report says why
+                print(f"neural-guidance hierarchy table not written: {e}", file=sys.stderr)
+                return
+            print(f"neural-guidance hierarchy table written to {w['md']}")
+except ImportError:  # pragma: no cover
+    pass
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("dirs", nargs="+", help="sweep or run directories")
+    ap.add_argument("--out", default=None, help="output folder (default: the first directory)")
+    ap.add_argument("--eps", type=float, default=0.02, help="radius of robust_by_level.png (one of the analysis radii)")
+    a = ap.parse_args(argv)
+    try:
+        w = write(a.dirs, a.out, a.eps)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {w['md']} and " + ", ".join(p.name for k, p in w.items() if k not in ("csv", "md")))
     return 0
 
 
