@@ -68,7 +68,8 @@ class WandbTracker(NullTracker):
         self._guard("log", lambda: (self.run.log(flat), self.run.summary.update(flat)))
 
     def log_table(self, key: str, df: pd.DataFrame) -> None:
-        self._guard("table", lambda: self.run.log({key: self._wandb.Table(dataframe=df.head(self.max_table_rows))}))
+        self._guard("table", lambda: self.run.log({key: self._wandb.Table(dataframe=wandb_safe(
+            df.head(self.max_table_rows)))}))
 
     def log_image(self, key: str, path: Path) -> None:
         self._guard("image", lambda: self.run.log({key: self._wandb.Image(str(path))}))
@@ -82,6 +83,20 @@ class WandbTracker(NullTracker):
             warnings.warn(f"W&B finish failed ({e}); local results are unaffected")
         finally:
             self.run = None
+
+
+def wandb_safe(df: pd.DataFrame) -> pd.DataFrame:
+    """The table with every object column of mixed value types (e.g. a notes column of None and strings, or
+    numbers and strings) as strings ("" for missing): W&B infers one type per column from its values and
+    rejects the table otherwise. Numeric and single-typed columns are left as they are."""
+    out = df.copy()
+    for c in out.columns:
+        if out[c].dtype != object:
+            continue
+        kinds = {type(v) for v in out[c] if v is not None and not (isinstance(v, float) and v != v)}
+        if len(kinds) > 1 or (kinds and len(kinds) == 1 and out[c].isna().any()):
+            out[c] = ["" if v is None or (isinstance(v, float) and v != v) else str(v) for v in out[c]]
+    return out
 
 
 def make_tracker(cfg: Any) -> NullTracker:

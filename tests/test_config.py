@@ -127,3 +127,21 @@ def test_run_py_fails_fast_with_clear_error(tmp_path, args, needle):
     assert needle in p.stderr + p.stdout
     assert time.time() - t0 < 60
     assert not list((tmp_path / "cache").glob("**/*.safetensors"))
+
+
+def test_wandb_tables_with_mixed_columns_are_made_loggable():
+    """W&B rejects a table whose column mixes None, numbers and strings (a linearization run lost its tables to
+    it); wandb_safe turns such columns into strings and leaves numeric ones alone."""
+    import pandas as pd
+    wandb = pytest.importorskip("wandb")
+    from robustbench_lab.tracking import wandb_safe
+
+    df = pd.DataFrame({"note": [None, 1.5, "top: not converged"], "x": [1.0, float("nan"), 3.0],
+                       "name": ["a", "b", "c"]})
+    with pytest.raises(TypeError):
+        wandb.Table(dataframe=df)                              # the failure this guards against
+    safe = wandb_safe(df)
+    table = wandb.Table(dataframe=safe)
+    assert table.data[0] == ["", 1.0, "a"] and table.data[2][0] == "top: not converged"
+    assert safe["x"].dtype == float and safe["name"].tolist() == ["a", "b", "c"]
+    assert df["note"].iloc[0] is None                          # the caller's frame is untouched

@@ -429,7 +429,7 @@ def unit_spectra(ctx: Context, res: Results) -> None:
         res.tables["unit_spectra_explicit"] = edf
 
     for b in o.boundaries:
-        _plot_unit_bands(ctx, b, df[df["boundary"] == b], pooled)
+        _plot_unit_bands(ctx, b, df[df["boundary"] == b], pooled, explicit)
         _plot_histograms(ctx, b, pooled, explicit)
         sub = df[df["boundary"] == b]
         complete = sub[sub["complete"]]
@@ -463,37 +463,63 @@ def unit_spectra(ctx: Context, res: Results) -> None:
     res.sections.append("\n".join(lines))
 
 
-def _plot_unit_bands(ctx: Context, b: str, df: pd.DataFrame, pooled: dict[tuple[str, str], list[Spec]]) -> None:
+def _plot_unit_bands(ctx: Context, b: str, df: pd.DataFrame, pooled: dict[tuple[str, str], list[Spec]],
+                     explicit: dict[tuple[str, str], list[Spec]] | None = None) -> None:
+    """Per unit: quantile bars of the complete spectra (blue), or the known Lanczos ends (orange) plus, for
+    ``explicit_units``, their complete spectra on fewer images (light blue). Right axis: the fraction within
+    tol of 1 where it is known (complete spectra: filled squares; explicit units: open squares), and its
+    bounds where only the ends are known (shaded). A partial spectrum has no point: the fraction is unknown."""
     plt = _pyplot()
     refs = [u for u in ctx.units]
+    explicit = explicit or {}
     fig, ax = plt.subplots(figsize=(max(6.0, 0.32 * len(refs) + 2), 4.2))
+
+    def bars(i: float, v: np.ndarray, colour: str, alpha: float) -> None:
+        q = np.quantile(v, [0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0])
+        ax.vlines(i, q[0], q[6], color=colour, lw=0.8, alpha=alpha)
+        ax.vlines(i, q[1], q[5], color=colour, lw=3, alpha=0.45 * alpha)
+        ax.vlines(i, q[2], q[4], color=colour, lw=6, alpha=alpha)
+        ax.plot(i, q[3], "o", color="white", mec=colour, ms=4, alpha=alpha)
+
+    ex_x, ex_frac = [], []
     for i, ref in enumerate(refs):
         specs = pooled[(b, ref.name)]
         v = np.concatenate([s.values for s in specs])
         if all(s.complete for s in specs):
-            q = np.quantile(v, [0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0])
-            ax.vlines(i, q[0], q[6], color="C0", lw=0.8)
-            ax.vlines(i, q[1], q[5], color="C0", lw=3, alpha=0.45)
-            ax.vlines(i, q[2], q[4], color="C0", lw=6)
-            ax.plot(i, q[3], "o", color="white", mec="C0", ms=4)
-        elif v.size:   # partial: the k largest and k smallest values only
-            ax.vlines(i, v.min(), v.max(), color="C1", lw=0.8)
-            ax.plot(np.full(v.size, i), v, "_", color="C1", ms=6)
+            bars(i, v, "C0", 1.0)
+        else:
+            ex = explicit.get((b, ref.name))
+            if ex and all(s.complete for s in ex):
+                bars(i, np.concatenate([s.values for s in ex]), "C0", 0.45)
+                ex_x.append(i)
+                ex_frac.append(float(np.mean([np.mean(np.abs(s.values - 1.0) <= ctx.opts.tol) for s in ex])))
+            if v.size:   # partial: the k largest and k smallest values only
+                ax.vlines(i, v.min(), v.max(), color="C1", lw=0.8)
+                ax.plot(np.full(v.size, i), v, "_", color="C1", ms=6)
     ax.axhline(1.0, color="k", lw=0.6)
     _stage_lines(ax, ctx.stage_starts(refs))
     ax.set_xticks(range(len(refs)))
     ax.set_xticklabels([r.name for r in refs], rotation=90, fontsize=7)
     ax.set_ylabel("singular value")
     ax2 = ax.twinx()
-    frac_lo, frac_hi = df["frac_one_lo"].to_numpy(), df["frac_one_hi"].to_numpy()
-    ax2.plot(range(len(refs)), frac_lo, "s-", color="C3", ms=3, lw=0.8, label="fraction within tol of 1")
-    ax2.fill_between(range(len(refs)), frac_lo, frac_hi, color="C3", alpha=0.08, label="bounds (partial spectra)")
+    xs = np.arange(len(refs))
+    frac = df["frac_one"].to_numpy(dtype=float)                 # NaN for partial spectra: drawn as gaps
+    frac_lo, frac_hi = df["frac_one_lo"].to_numpy(dtype=float), df["frac_one_hi"].to_numpy(dtype=float)
+    partial = np.isnan(frac)
+    ax2.plot(xs, frac, "s-", color="C3", ms=3, lw=0.8, label="fraction within tol of 1")
+    if partial.any():
+        ax2.fill_between(xs, np.where(partial, frac_lo, np.nan), np.where(partial, frac_hi, np.nan), color="C3",
+                         alpha=0.08, label="its bounds (partial spectra)")
+    if ex_x:
+        ax2.plot(ex_x, ex_frac, "s", mfc="none", color="C3", ms=5,
+                 label=f"explicit units ({ctx.opts.explicit_images} img)")
     ax2.set_ylim(-0.02, 1.02)
-    ax2.set_ylabel("fraction within tol of 1", color="C3")
+    ax2.set_ylabel(f"fraction within tol {ctx.opts.tol:g} of 1", color="C3")
+    ax2.legend(fontsize=6, loc="upper right")
     ax.set_title(_wrap(f"{ctx.label}: unit singular values over {ctx.opts.n_images} images\n{ctx.block_type}, "
                        f"{_boundary_text(b)}; blue: complete spectra (whiskers min-max, bars 5-95% and 25-75%, "
-                       f"dot median), orange: Lanczos top/bottom-{ctx.opts.k} (which={ctx.opts.which})",
-                       fig.get_figwidth()), fontsize=7)
+                       f"dot median; light: explicit units on {ctx.opts.explicit_images} images), orange: Lanczos "
+                       f"top/bottom-{ctx.opts.k} (which={ctx.opts.which})", fig.get_figwidth()), fontsize=7)
     fig.tight_layout()
     fig.savefig(ctx.writer.path(f"unit_spectra_{b}.png"), dpi=110)
     plt.close(fig)
