@@ -603,6 +603,7 @@ def stage_spectra(ctx: Context, res: Results) -> None:
                     color="C0" if all(sp.complete for sp in pooled[(b, s)]) else "C1", ms=3)
         ax.axhline(1.0, color="k", lw=0.6)
         ax.set_yscale("symlog", linthresh=1e-2)
+        ax.set_ylim(bottom=0)                      # singular values: no negative half of the symlog axis
         ax.set_xticks(stages)
         ax.set_xticklabels([f"stage {s + 1}\n({pooled[(b, s)][0].n_in}->{pooled[(b, s)][0].n_out})" for s in stages],
                            fontsize=7)
@@ -681,6 +682,7 @@ def scale_sweep(ctx: Context, res: Results) -> None:
             ax.set_xlabel("i / n (singular values, descending)")
             ax.set_ylabel("singular value")
             ax.set_yscale("symlog", linthresh=1e-2)
+            ax.set_ylim(bottom=0)
             ax.legend(fontsize=6)
             ax.set_title(_wrap(f"{ref.name} ({type(block).__name__}), boundary {b}: " + (
                 "skip scale lambda (weights x1)" if kind == "skip" else "residual weights x c (lambda 1)"),
