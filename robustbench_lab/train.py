@@ -62,6 +62,22 @@ class Recipe:
             raise ConfigError(f"{key}.batch_size", r.batch_size, "an integer > 0")
         if not r.lr > 0:
             raise ConfigError(f"{key}.lr", r.lr, "a float > 0")
+        if not 0 <= r.momentum < 1:
+            raise ConfigError(f"{key}.momentum", r.momentum, "a float in [0, 1)")
+        if r.optimizer == "sgd" and r.nesterov and r.momentum == 0:
+            raise ConfigError(f"{key}.nesterov", r.nesterov, [False],
+                              "Nesterov SGD needs momentum > 0 (set model.train.nesterov=false or a momentum)")
+        if not r.weight_decay >= 0:
+            raise ConfigError(f"{key}.weight_decay", r.weight_decay, "a float >= 0")
+        if not 0 < r.warmup_frac < 1:
+            raise ConfigError(f"{key}.warmup_frac", r.warmup_frac, "a float in (0, 1) (onecycle's warm-up share)")
+        if any(not 0 < m < 1 for m in r.milestones) or list(r.milestones) != sorted(r.milestones):
+            raise ConfigError(f"{key}.milestones", list(r.milestones),
+                              "increasing fractions of training in (0, 1), e.g. [0.5, 0.75]")
+        if not 0 <= r.label_smoothing < 1:
+            raise ConfigError(f"{key}.label_smoothing", r.label_smoothing, "a float in [0, 1)")
+        if r.max_train < 0:
+            raise ConfigError(f"{key}.max_train", r.max_train, "an integer >= 0 (0: the whole training split)")
         return r
 
 

@@ -205,6 +205,13 @@ def test_run_py_bad_option_file(prior, tmp_path):
     (["attack=trust_region", "attack.order=2", "attack.norm=linf"], "attack.norm", "L2 only"),
     (["attack=deepfool", "attack.norm=linf", "attack.eps=2"], "attack.eps", "2"),
     (["attacks=[fgsm,cw]"], "attack.norm", "cw does not support"),
+    (["model.train.momentum=1.5"], "model.train.momentum", "1.5"),  # training recipe ranges
+    (["model.train.momentum=0"], "model.train.nesterov", "momentum > 0"),
+    (["model.train.weight_decay=-0.1"], "model.train.weight_decay", "-0.1"),
+    (["model.train.warmup_frac=0"], "model.train.warmup_frac", "0"),
+    (["model.train.milestones=[0.75,0.5]"], "model.train.milestones", "[0.75, 0.5]"),
+    (["model.train.label_smoothing=1.0"], "model.train.label_smoothing", "1.0"),
+    (["model.train.max_train=-5"], "model.train.max_train", "-5"),
 ])
 def test_config_errors_come_before_any_work(prior, reader_spy, tmp_path, args, key, value):
     root = prior["root"]
