@@ -14,8 +14,11 @@ backward through a smooth surrogate), switched on by the ``attacks.adaptive.BPDA
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import logging
 import math
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -223,6 +226,11 @@ class JumpReLUDefense(Defense):
     the first ``tradeoff_n`` validation points -> ``jumprelu_tradeoff.csv`` and ``jumprelu_tradeoff.png``.
     The attack measure is the *white-box* one of the paper; with a plain attack it shows apparent
     robustness, including any gradient masking (set ``tradeoff_attack`` to a BPDA wrapper to see through it).
+
+    ``reuse_tuning``: the tuning (minutes per model: one attack per k) is stored as JSON under
+    ``<paths.cache_dir>/jumprelu/<key>.json``, the key a hash of the model's weights, the validation points,
+    the grid, the tolerance, the trade-off attacks and their settings, the seed and the device type, so the
+    cells of a sweep that share a model tune once. Set ``false`` to always re-measure.
     """
 
     name = "jumprelu"
@@ -230,7 +238,10 @@ class JumpReLUDefense(Defense):
     def __init__(self, *, jump: float | str = "auto", grid: Sequence[float] = DEFAULT_GRID,
                  max_accuracy_drop: float = 0.01, n_val: int = 0, tradeoff_attack: Attack | None = None,
                  tradeoff_eps: float | None = None, tradeoff_attacks: Mapping[str, Any] | None = None,
-                 tradeoff_n: int = 100, batch_size: int = 500) -> None:
+                 tradeoff_n: int = 100, batch_size: int = 500, reuse_tuning: bool = True) -> None:
+        if not isinstance(reuse_tuning, bool):
+            raise ConfigError("defense.reuse_tuning", reuse_tuning, [True, False])
+        self.reuse_tuning = reuse_tuning
         if isinstance(jump, str):
             if jump != "auto":
                 raise ConfigError("defense.jump", jump, "'auto' or a number >= 0")
@@ -280,12 +291,57 @@ class JumpReLUDefense(Defense):
         n = splits.x_val.shape[0] if self.n_val == 0 else min(self.n_val, splits.x_val.shape[0])
         x_val = data_mod.to_float(splits.x_val[:n]).to(device)
         y_val = splits.y_val[:n].to(device)
-        table = self.tune(model, x_val, y_val, seed=int(context.get("seed", 0)))
+        seed = int(context.get("seed", 0))
+        cached = None
+        if self.reuse_tuning and context.get("cache_dir") is not None:
+            cached = Path(context["cache_dir"]) / "jumprelu" / f"{self.tuning_key(model, x_val, y_val, seed)}.json"
+        table = self._load_tuning(cached) if cached is not None else None
+        if table is None:
+            table = self.tune(model, x_val, y_val, seed=seed)
+            if cached is not None:
+                from robustbench_lab.cache import atomic_write_bytes
+                atomic_write_bytes(cached, json.dumps({"chosen": self.chosen, "columns": list(table.columns), "table": {
+                    c: table[c].tolist() for c in table.columns}}).encode())   # exact floats (repr round-trips)
         writer = context.get("writer")
         if writer is not None:
             writer.write_csv("jumprelu_tradeoff.csv", table)
             plot_tradeoff(writer.path("jumprelu_tradeoff.png"), table, self.max_accuracy_drop)
         return retrofit(model, float(self.chosen))   # type: ignore[arg-type]
+
+    def tuning_key(self, model: nn.Module, x_val: torch.Tensor, y_val: torch.Tensor, seed: int) -> str:
+        """Hash of everything the tuning result depends on (see the class docstring)."""
+        from robustbench_lab.cache import content_key
+        h = hashlib.sha256()
+        for name, t in sorted(model.state_dict().items()):
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        data = hashlib.sha256(x_val.detach().cpu().contiguous().numpy().tobytes())
+        data.update(y_val.detach().cpu().contiguous().numpy().tobytes())
+        return content_key({
+            "kind": "jumprelu_tuning", "version": 1, "model": h.hexdigest(), "val": data.hexdigest(),
+            "n_val": int(x_val.shape[0]), "grid": self.grid, "max_accuracy_drop": self.max_accuracy_drop,
+            "tradeoff_n": self.tradeoff_n, "batch_size": self.batch_size, "seed": seed,
+            "device": x_val.device.type,
+            "tradeoff_attack": self.tradeoff_attack.config() if self.tradeoff_attack is not None else None,
+            "tradeoff_eps": self.tradeoff_eps,
+            "tradeoff_attacks": {label: {"config": atk.config(), "eps": eps}
+                                 for label, (atk, eps) in self.tradeoff_attacks.items()}})
+
+    def _load_tuning(self, path: Path) -> pd.DataFrame | None:
+        """A stored tuning (JSON only, nothing unpickled), adopted as if measured; None if absent or unreadable."""
+        if not path.is_file():
+            return None
+        try:
+            d = json.loads(path.read_text())
+            table = pd.DataFrame({c: d["table"][c] for c in d["columns"]}, columns=d["columns"])
+            chosen = float(d["chosen"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.warning("jumprelu: stored tuning %s unreadable (%s); tuning again", path, e)
+            return None
+        self.chosen, self.tradeoff = chosen, table
+        log.info("jumprelu: reused the tuning stored in %s (k=%g; defense.reuse_tuning=false re-measures)",
+                 path, chosen)
+        return table
 
     def tune(self, model: nn.Module, x_val: torch.Tensor, y_val: torch.Tensor, seed: int = 0) -> pd.DataFrame:
         """Measure the trade-off on validation data (N, C, H, W) in [0, 1] and set ``self.chosen``."""

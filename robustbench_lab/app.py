@@ -256,7 +256,8 @@ def _run(cfg, run_dir, device, attacks, attack_label, eps, defense, recipe, trac
                      "checkpoint_test_accuracy": meta.get("test_accuracy"), "train_seconds": meta.get("train_seconds")}
     writer = ResultWriter(run_dir)
     defended = defense.transform(model, {"splits": splits, "device": device, "cfg": cfg, "run_dir": run_dir,
-                                         "writer": writer, "seed": int(cfg.seed)})
+                                         "writer": writer, "seed": int(cfg.seed),
+                                         "cache_dir": Path(cfg.paths.cache_dir)})
     defended.to(device).eval()
 
     x = data_mod.to_float(splits.x_eval).to(device)

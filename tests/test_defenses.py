@@ -4,6 +4,7 @@ minute on 2 CPU cores."""
 
 from __future__ import annotations
 
+import copy
 import math
 from types import SimpleNamespace
 
@@ -206,6 +207,42 @@ def test_auto_jump_picks_the_largest_admissible_k_on_a_model_with_known_accuracy
     assert (tmp_path / ".staging" / "jumprelu_tradeoff.png").stat().st_size > 1000
     # "largest admissible", not "last before the first inadmissible one"
     assert choose_jump([0, 0.1, 0.2, 0.3], [0.9, 0.85, 0.895, 0.8], 0.9, 0.01) == 0.2
+
+
+def test_auto_jump_tuning_is_stored_and_reused_only_for_the_same_model_data_and_settings(tmp_path, monkeypatch):
+    """A sweep's cells that share a model tune once: the second transform adopts the stored table (no
+    measurement), a change of weights, data or settings measures again, and a damaged file is re-measured."""
+    model, x, y = _threshold_model()
+    ctx = {"splits": SimpleNamespace(x_val=x, y_val=y), "device": torch.device("cpu"), "seed": 0,
+           "cache_dir": tmp_path}
+    kw = dict(jump="auto", grid=[0.02, 0.04, 0.06], max_accuracy_drop=0.03, tradeoff_attack=None)
+    first = JumpReLUDefense(**kw)
+    first.transform(model, ctx)
+    stored = list((tmp_path / "jumprelu").glob("*.json"))
+    assert len(stored) == 1 and first.chosen == 0.04
+
+    calls = []
+    real_tune = JumpReLUDefense.tune
+    monkeypatch.setattr(JumpReLUDefense, "tune", lambda self, *a, **k: calls.append(1) or real_tune(self, *a, **k))
+    again = JumpReLUDefense(**kw)
+    defended = again.transform(model, ctx)
+    assert calls == [] and again.chosen == 0.04
+    pd.testing.assert_frame_equal(again.tradeoff, first.tradeoff, check_dtype=False)
+    assert all(m.jump == 0.04 for m in defended.modules() if isinstance(m, JumpReLU))
+    assert again.describe()["tradeoff"] == first.describe()["tradeoff"]
+
+    JumpReLUDefense(**{**kw, "max_accuracy_drop": 0.05}).transform(model, ctx)          # another setting
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.net[1].bias.fill_(0.01)                                                    # other weights
+    JumpReLUDefense(**kw).transform(other, ctx)
+    JumpReLUDefense(**kw).transform(model, {**ctx, "splits": SimpleNamespace(x_val=x[:120], y_val=y[:120])})
+    JumpReLUDefense(**kw, reuse_tuning=False).transform(model, ctx)                      # opted out
+    assert len(calls) == 4 and len(list((tmp_path / "jumprelu").glob("*.json"))) == 4
+    stored[0].write_text("{not json")                                                    # damaged: measured again
+    assert JumpReLUDefense(**kw).transform(model, ctx) is not None and len(calls) == 5
+    with pytest.raises(ConfigError, match="defense.reuse_tuning"):
+        JumpReLUDefense(reuse_tuning="yes")
 
 
 def test_jumprelu_config_errors_name_the_key():
