@@ -13,7 +13,7 @@ import io
 import logging
 import random
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import ClassVar
 
 import numpy as np
@@ -63,17 +63,28 @@ def preserved_global_rng() -> Iterator[None]:
         random.setstate(py_state)
 
 
+# pyautoattack's progress lines worth showing while it runs (a standard run on 500 points takes tens of
+# minutes on a CPU): the start of each component and the robust accuracy after it.
+LIVE_PREFIXES = ("running ", "robust accuracy after ")
+
+
 class _ListHandler(logging.Handler):
-    def __init__(self) -> None:
+    def __init__(self, live: Callable[[str], None] | None = None) -> None:
         super().__init__(level=logging.DEBUG)
         self.records: list[logging.LogRecord] = []
+        self.live = live
 
     def emit(self, record: logging.LogRecord) -> None:
         self.records.append(record)
+        if self.live is not None and record.levelno < logging.WARNING:   # warnings are re-emitted afterwards
+            msg = record.getMessage()
+            if msg.startswith(LIVE_PREFIXES):
+                self.live(msg)
 
 
 @contextlib.contextmanager
-def captured_output(logger_names: Sequence[str], sink: list[str]) -> Iterator[None]:
+def captured_output(logger_names: Sequence[str], sink: list[str],
+                    live: Callable[[str], None] | None = None) -> Iterator[None]:
     """Capture records of ``logger_names`` (all levels) and anything printed to stdout into ``sink``.
 
     pyautoattack logs its progress at DEBUG level; those records are kept here instead of reaching the
@@ -81,8 +92,9 @@ def captured_output(logger_names: Sequence[str], sink: list[str]) -> Iterator[No
     sanity checks: randomized defense, probability outputs, ...) are re-emitted on this module's logger
     afterwards, so they are not lost. Also restores the Python trace function, which pyautoattack's
     ``check_dynamic`` resets with ``sys.settrace(None)`` (that would switch off coverage or a debugger).
+    ``live``: called at once with each progress message (``LIVE_PREFIXES``), so a long run shows where it is.
     """
-    handler = _ListHandler()
+    handler = _ListHandler(live)
     saved = []
     for name in logger_names:
         lg = logging.getLogger(name)
@@ -177,7 +189,8 @@ class AutoAttack(LogMixin, Attack):
     The model's passes are counted (the model is passed to the package as is). The package's randomness is
     seeded from the call's generator; torch's global RNG is restored afterwards. Its log (progress, robust
     accuracy after each component, sanity-check warnings, the final norm audit) is captured: ``last_log``,
-    ``log`` (see ``LogMixin``). Cost: APGD is 1 forward + 1 backward per iteration and example; Square uses
+    ``log`` (see ``LogMixin``); each component's start and the robust accuracy after it also go to this
+    module's logger (INFO) as they happen. Cost: APGD is 1 forward + 1 backward per iteration and example; Square uses
     forward passes only; FAB uses per-class gradients.
     """
 
@@ -255,7 +268,10 @@ class AutoAttack(LogMixin, Attack):
         seed = seed_from(generator)
         lines: list[str] = []
         _reset_dynamic_check_counters()
-        with preserved_global_rng(), captured_output([PYAA_LOGGER], lines), mode_guard(model, "pyautoattack"):
+        def live(msg: str) -> None:
+            log.info("autoattack (%d points): %s", x.shape[0], msg)
+
+        with preserved_global_rng(), captured_output([PYAA_LOGGER], lines, live), mode_guard(model, "pyautoattack"):
             aa = self._build(model, float(eps), seed, x.device)
             x_adv, _ = aa.run_standard_evaluation(x, y, batch_size=self.batch_size)
         comps = ",".join(aa.attacks_to_run)

@@ -134,6 +134,11 @@ def test_autoattack_log_captured_and_kept_off_root(trained_small_cnn, pts, caplo
     # the package's DEBUG progress stays in the attack's log, not in the run's log handlers
     assert not [r for r in caplog.records if r.name == "auto-attack" and r.levelno < logging.WARNING]
     assert (pyaa_logger.level, pyaa_logger.propagate) == (level, propagate)
+    # ... except its progress (each component's start and robust accuracy), shown live on our logger
+    live = [r.getMessage() for r in caplog.records if r.name == "attacks.autoattack" and r.levelno == logging.INFO]
+    assert live == ["autoattack (8 points): running apgd-ce",
+                    next(m for m in live if m.startswith("autoattack (8 points): robust accuracy after APGD-CE:"))]
+    assert live[1].split(": ", 1)[1] in log                    # the same line the kept log holds
     # one entry per call; ``log`` accumulates until clear_log()
     aa(m, xt[8:12], yt[8:12], eps=0.1, generator=gen())
     assert aa.log.count("== autoattack") == 2 and aa.last_log.count("== autoattack") == 1
