@@ -433,6 +433,7 @@ def test_hierarchy_sweep_end_writes_the_ordered_labelled_table_and_plots(tmp_pat
     assert table["arm"].tolist() == ["ng_v1", "ng_stage3", "ng_baseline", "ng_shuffled"]
     v1 = table.iloc[0]
     assert v1["n_seeds"] == 2 and v1["robust@0.05"] == pytest.approx(0.25) and v1["clean_accuracy"] == pytest.approx(0.78)
+    assert v1["robust@0.05_sd"] == pytest.approx(0.1 / math.sqrt(2)) and pd.isna(table.iloc[1]["robust@0.05_sd"])
     assert table["role"].tolist() == ["guided", "guided", "control: alpha=0", "control: shuffled predictor"]
     assert all(t.endswith("(model-derived)") for t in table["target"])
     assert pd.isna(table.iloc[2]["level"])                                # a control is no level of the hierarchy
@@ -449,4 +450,15 @@ def test_hierarchy_sweep_end_writes_the_ordered_labelled_table_and_plots(tmp_pat
     assert "not written" in capsys.readouterr().err and not (empty / "hierarchy_table.md").exists()
     import importlib
     plot = importlib.import_module("experiments.neural_guidance_hierarchy.plot")
+    # a failure of the study's table is reported but does not stop the sweep's other end-of-sweep callbacks
+    def broken(*a, **k):
+        raise RuntimeError("plotting broke")
+    orig = plot.plots
+    plot.plots = broken
+    try:
+        callback.on_multirun_end(config=run_cfg)
+    finally:
+        plot.plots = orig
+    err = capsys.readouterr().err
+    assert "plotting broke" in err and "retry by hand" in err
     assert plot.main([str(empty)]) == 2 and plot.main([str(tmp_path / "missing")]) == 2

@@ -137,9 +137,17 @@ try:   # the Hydra callback (Hydra is installed wherever run.py runs)
 
         def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
             sweep = Path(config.hydra.sweep.dir)
-            if sweep.exists():
+            if not sweep.exists():
+                return
+            try:
                 w = summarize([sweep])
-                print(f"ACL variants table written to {w['md']}")
+            except Exception:   # never keep the sweep's generic comparison (the next callback) from running
+                import traceback
+                traceback.print_exc()
+                print(f"ACL variants table FAILED; the runs are intact, retry by hand: python "
+                      f"experiments/acl_variants/summarize.py {sweep}", file=sys.stderr)
+                return
+            print(f"ACL variants table written to {w['md']}")
 except ImportError:  # pragma: no cover
     pass
 

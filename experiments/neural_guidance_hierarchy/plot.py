@@ -10,7 +10,8 @@ Reads every ``metrics.json`` below the given directories whose defense recorded 
 (``defense_config.analysis``: robust accuracy and smoothness per epsilon, RSA) and writes into ``--out``
 (default: the first directory):
 
-* ``hierarchy_table.csv`` / ``.md``: one row per arm (mean over seeds when several): role (guided level or
+* ``hierarchy_table.csv`` / ``.md``: one row per arm (mean over seeds when several, with ``<column>_sd`` the
+  seed-to-seed sample standard deviation of clean / robust accuracy and smoothness): role (guided level or
   control), target label and ``source_kind`` (``surrogate`` targets carry "(model-derived)"), alpha, predictor
   mode, weight decay, clean accuracy, robust accuracy at every radius, the smoothness score, the RSA, the
   target fit (components, predictor r);
@@ -101,6 +102,11 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
                    key=lambda c: (c.split("@")[0], float(c.split("@")[1])))
     out = out[[c for c in out.columns if c not in radii] + radii]
     out.insert(len(keys), "n_seeds", g["seed"].nunique().to_numpy())
+    if int(out["n_seeds"].max()) > 1:   # the seed-to-seed spread (sample sd; NaN for an arm run once)
+        spread = [c for c in ["clean_accuracy", "smoothness_score"] + radii if not c.startswith("smooth@")]
+        sd = g[spread].std(ddof=1).reset_index(drop=True)
+        for c in spread:
+            out[f"{c}_sd"] = sd[c].to_numpy()
     out["_order"] = [(0 if str(r).startswith("guided") else 1, lv if isinstance(lv, (int, float)) and not
                       math.isnan(lv) else 99) for r, lv in zip(out["role"], out["level"])]
     return out.sort_values("_order").drop(columns="_order").reset_index(drop=True)
@@ -125,7 +131,8 @@ def plots(summ: pd.DataFrame, out: Path, eps: float) -> list[Path]:
     import matplotlib.pyplot as plt
 
     made: list[Path] = []
-    eps_cols = sorted((c for c in summ.columns if c.startswith("robust@")), key=lambda c: float(c[7:]))
+    eps_cols = sorted((c for c in summ.columns if c.startswith("robust@") and not c.endswith("_sd")),
+                      key=lambda c: float(c[7:]))
     radii = [0.0] + [float(c[7:]) for c in eps_cols]
     guided = summ[summ["role"].str.startswith("guided")]
     controls = summ[~summ["role"].str.startswith("guided")]
@@ -180,16 +187,20 @@ def plots(summ: pd.DataFrame, out: Path, eps: float) -> list[Path]:
     return made
 
 
+class NoRunsError(ValueError):
+    """No finished run with a neural-guidance analysis below the given directories."""
+
+
 def write(dirs: Sequence[str | Path], out: str | Path | None = None, eps: float = 0.02) -> dict[str, Path]:
     """Collects the runs below ``dirs`` and writes the table (csv, md) and plots into ``out`` (default: the
     first directory). Returns the written paths by name. Raises FileNotFoundError for a missing directory and
-    ValueError when no finished run below them carries a neural-guidance analysis."""
+    NoRunsError when no finished run below them carries a neural-guidance analysis."""
     for d in dirs:
         if not Path(d).exists():
             raise FileNotFoundError(f"no such directory: {d}")
     df = collect(dirs)
     if df.empty:
-        raise ValueError("no finished run with a neural-guidance analysis below " + ", ".join(map(str, dirs)))
+        raise NoRunsError("no finished run with a neural-guidance analysis below " + ", ".join(map(str, dirs)))
     out = Path(out if out is not None else dirs[0])
     out.mkdir(parents=True, exist_ok=True)
     summ = summarize(df)
@@ -229,8 +240,14 @@ try:   # the Hydra callback (Hydra is installed wherever run.py runs)
                 pass
             try:
                 w = write([sweep], eps=eps)
-            except ValueError as e:   # every cell failed: nothing to tabulate, the sweep's own report says why
+            except NoRunsError as e:   # every cell failed: nothing to tabulate, the sweep's own report says why
                 print(f"neural-guidance hierarchy table not written: {e}", file=sys.stderr)
+                return
+            except Exception:          # never keep the sweep's generic comparison (the next callback) from running
+                import traceback
+                traceback.print_exc()
+                print(f"neural-guidance hierarchy table FAILED; the runs are intact, retry by hand: python "
+                      f"experiments/neural_guidance_hierarchy/plot.py {sweep}", file=sys.stderr)
                 return
             print(f"neural-guidance hierarchy table written to {w['md']}")
 except ImportError:  # pragma: no cover
@@ -245,7 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = ap.parse_args(argv)
     try:
         w = write(a.dirs, a.out, a.eps)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, NoRunsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {w['md']} and " + ", ".join(p.name for k, p in w.items() if k not in ("csv", "md")))
