@@ -169,7 +169,10 @@ def plots(summ: pd.DataFrame, out: Path, eps: float) -> list[Path]:
             continue
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         direct = guided[guided["role"] == "guided"].sort_values("level")
-        ax.plot(range(len(direct)), direct[metric], marker="o", color="tab:blue", label="guided (exact targets)")
+        sd = direct.get(f"{metric}_sd")
+        ax.errorbar(range(len(direct)), direct[metric], yerr=None if sd is None else sd.fillna(0.0), marker="o",
+                    color="tab:blue", capsize=3,
+                    label="guided (exact targets)" + ("" if sd is None else ", mean ± sd over seeds"))
         ax.set_xticks(range(len(direct)))
         ax.set_xticklabels([str(t).replace(f" {MODEL_DERIVED}", "\n" + MODEL_DERIVED) for t in direct["target"]],
                            fontsize=7)
