@@ -342,3 +342,14 @@ def test_the_variants_table_orders_the_arms_and_answers_ds_vs_simclr(tmp_path):
     assert "| 0.550 | 2 | 0.600 | 4.000 | 4.5 | 25.0 |" in rows[2]
     assert "DS >= SimCLR in robust accuracy: **yes** (0.550 vs 0.520)" in md
     assert w["png"].stat().st_size > 1000
+    # with more seeds the answer is the seed mean, with the paired difference (not the first seed alone)
+    for i, (variant, seed, rob) in enumerate([("ds", 1, 0.50), ("simclr", 1, 0.54)]):
+        run = tmp_path / "sweep" / f"s{seed}_{i}_pgd_acl_{variant}_aff"
+        run.mkdir(parents=True)
+        (run / "metrics.json").write_text(json.dumps({
+            "defense_config": ACL(variant=variant).training_procedure().spec(), "checkpoint": None,
+            "clean_accuracy": 0.7, "robust_accuracy": rob, "seed": seed, "n_examples": 500, "attack": "pgd",
+            "eps": 0.1}))
+    md = summarize([tmp_path / "sweep"])["md"].read_text()
+    assert ("DS >= SimCLR in robust accuracy, mean over seeds 0, 1: **no** (0.525 vs 0.530; paired difference "
+            "-0.005 +- 0.049 sd over seeds)") in md

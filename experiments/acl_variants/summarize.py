@@ -89,10 +89,20 @@ def write(rows: list[dict[str, Any]], out: Path) -> dict[str, Path]:
     for r in rows:
         lines.append("| " + " | ".join(_fmt(r[k], 1 if k.endswith("seconds") else 3) if k != "arm"
                                        else r["label"] for k, _ in cols) + " |")
-    by = {r["arm"]: r for r in rows if r["seed"] == min(x["seed"] for x in rows)}
-    if "ds" in by and "simclr" in by:
-        ds, sc = by["ds"]["robust_accuracy"], by["simclr"]["robust_accuracy"]
+    rob = {(r["arm"], r["seed"]): r["robust_accuracy"] for r in rows}
+    seeds = sorted({sd for (arm, sd) in rob if arm == "ds"} & {sd for (arm, sd) in rob if arm == "simclr"},
+                   key=lambda v: (v is None, v))
+    if len(seeds) == 1:
+        ds, sc = rob[("ds", seeds[0])], rob[("simclr", seeds[0])]
         lines += ["", f"DS >= SimCLR in robust accuracy: **{'yes' if ds >= sc else 'no'}** ({ds:.3f} vs {sc:.3f})."]
+    elif len(seeds) > 1:   # the seeds both arms ran: means and the paired (same seed) difference
+        import statistics
+        diffs = [rob[("ds", sd)] - rob[("simclr", sd)] for sd in seeds]
+        ds = statistics.mean(rob[("ds", sd)] for sd in seeds)
+        sc = statistics.mean(rob[("simclr", sd)] for sd in seeds)
+        lines += ["", f"DS >= SimCLR in robust accuracy, mean over seeds {', '.join(map(str, seeds))}: "
+                      f"**{'yes' if ds >= sc else 'no'}** ({ds:.3f} vs {sc:.3f}; paired difference "
+                      f"{statistics.mean(diffs):+.3f} +- {statistics.stdev(diffs):.3f} sd over seeds)."]
     written["md"].write_text("\n".join(lines) + "\n")
     if rows:
         import matplotlib
