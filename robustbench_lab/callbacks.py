@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -53,3 +55,36 @@ class AggregateOnMultirunEnd(Callback):
                     t.log_image(key, p)
         finally:
             t.finish(0)
+
+
+class StudyTableOnMultirunEnd(Callback):
+    """Base of a study's own end-of-sweep table (experiments/*: ACL variants, neural-guidance hierarchy).
+
+    Subclasses set ``what`` (a label), ``script`` (the by-hand command's script) and ``expected`` (exceptions
+    that mean "nothing to tabulate", reported in one line), and implement ``write(sweep, config)`` returning
+    the written table's path. Any other failure is printed with its traceback and the by-hand command, and
+    never stops the sweep's other callbacks (the generic comparison): the runs themselves are intact.
+    """
+
+    what = "study table"
+    script = ""
+    expected: tuple[type[BaseException], ...] = ()
+
+    def write(self, sweep: Path, config: Any) -> Path:
+        raise NotImplementedError   # each study's subclass writes its own table
+
+    def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
+        sweep = Path(config.hydra.sweep.dir)
+        if not sweep.exists():
+            return
+        try:
+            md = self.write(sweep, config)
+        except self.expected as e:
+            print(f"{self.what} not written: {e}", file=sys.stderr)
+            return
+        except Exception:
+            traceback.print_exc()
+            print(f"{self.what} FAILED; the runs are intact, retry by hand: python {self.script} {sweep}",
+                  file=sys.stderr)
+            return
+        print(f"{self.what} written to {md}")

@@ -313,7 +313,7 @@ def test_a_protocol_sweep_pretrains_once_and_keeps_the_selected_epoch(tmp_path):
     assert content_key(ACL(variant="simclr").training_procedure().encoder_key_spec(base)) not in pre_keys
 
 
-def test_the_variants_table_orders_the_arms_and_answers_ds_vs_simclr(tmp_path):
+def test_the_variants_table_orders_the_arms_and_answers_ds_vs_simclr(tmp_path, capsys):
     import importlib.util
     import json
 
@@ -353,3 +353,15 @@ def test_the_variants_table_orders_the_arms_and_answers_ds_vs_simclr(tmp_path):
     md = summarize([tmp_path / "sweep"])["md"].read_text()
     assert ("DS >= SimCLR in robust accuracy, mean over seeds 0, 1: **no** (0.525 vs 0.530; paired difference "
             "-0.005 +- 0.049 sd over seeds)") in md
+    # the same from the experiment's end-of-sweep callback; a broken table is reported, never raised (the
+    # sweep's generic comparison runs after it)
+    from omegaconf import OmegaConf
+    cb = mod.WriteTableOnMultirunEnd()
+    (tmp_path / "sweep" / "acl_variants.md").unlink()
+    cb.on_multirun_end(config=OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path / "sweep")}}}))
+    assert (tmp_path / "sweep" / "acl_variants.md").is_file()
+    (tmp_path / "sweep" / "s1_0_pgd_acl_ds_aff" / "metrics.json").write_text("{broken")
+    cb.on_multirun_end(config=OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path / "sweep")}}}))
+    out = capsys.readouterr()
+    assert "ACL variants table written to" in out.out
+    assert "ACL variants table FAILED" in out.err and "experiments/acl_variants/summarize.py" in out.err

@@ -140,24 +140,16 @@ def summarize(dirs: Sequence[str | Path], out: str | Path | None = None) -> dict
 
 
 try:   # the Hydra callback (Hydra is installed wherever run.py runs)
-    from hydra.experimental.callback import Callback
+    from robustbench_lab.callbacks import StudyTableOnMultirunEnd
 
-    class WriteTableOnMultirunEnd(Callback):
+    class WriteTableOnMultirunEnd(StudyTableOnMultirunEnd):
         """Writes acl_variants.csv/.md/.png into the sweep directory after the last job."""
 
-        def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
-            sweep = Path(config.hydra.sweep.dir)
-            if not sweep.exists():
-                return
-            try:
-                w = summarize([sweep])
-            except Exception:   # never keep the sweep's generic comparison (the next callback) from running
-                import traceback
-                traceback.print_exc()
-                print(f"ACL variants table FAILED; the runs are intact, retry by hand: python "
-                      f"experiments/acl_variants/summarize.py {sweep}", file=sys.stderr)
-                return
-            print(f"ACL variants table written to {w['md']}")
+        what = "ACL variants table"
+        script = "experiments/acl_variants/summarize.py"
+
+        def write(self, sweep: Path, config: Any) -> Path:
+            return summarize([sweep])["md"]
 except ImportError:  # pragma: no cover
     pass
 

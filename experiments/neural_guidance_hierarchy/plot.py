@@ -223,17 +223,18 @@ def write(dirs: Sequence[str | Path], out: str | Path | None = None, eps: float 
 
 
 try:   # the Hydra callback (Hydra is installed wherever run.py runs)
-    from hydra.experimental.callback import Callback
+    from robustbench_lab.callbacks import StudyTableOnMultirunEnd
 
-    class WriteHierarchyOnMultirunEnd(Callback):
+    class WriteHierarchyOnMultirunEnd(StudyTableOnMultirunEnd):
         """Writes hierarchy_table.csv/.md and the ng_*.png plots into the sweep directory after the last job
         (conf/experiment/neural_guidance_hierarchy.yaml); the by-level robust plot uses the run's attack.eps
         when it is one of the analysis radii, else 0.02."""
 
-        def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
-            sweep = Path(config.hydra.sweep.dir)
-            if not sweep.exists():
-                return
+        what = "neural-guidance hierarchy table"
+        script = "experiments/neural_guidance_hierarchy/plot.py"
+        expected = (NoRunsError,)   # every cell failed: nothing to tabulate, the sweep's own report says why
+
+        def write(self, sweep: Path, config: Any) -> Path:
             eps = 0.02
             try:
                 radii = [float(e) for e in config.defense.analysis.eps]
@@ -241,18 +242,7 @@ try:   # the Hydra callback (Hydra is installed wherever run.py runs)
                     eps = float(config.attack.eps)
             except Exception:   # a config without these keys: the default radius
                 pass
-            try:
-                w = write([sweep], eps=eps)
-            except NoRunsError as e:   # every cell failed: nothing to tabulate, the sweep's own report says why
-                print(f"neural-guidance hierarchy table not written: {e}", file=sys.stderr)
-                return
-            except Exception:          # never keep the sweep's generic comparison (the next callback) from running
-                import traceback
-                traceback.print_exc()
-                print(f"neural-guidance hierarchy table FAILED; the runs are intact, retry by hand: python "
-                      f"experiments/neural_guidance_hierarchy/plot.py {sweep}", file=sys.stderr)
-                return
-            print(f"neural-guidance hierarchy table written to {w['md']}")
+            return write([sweep], eps=eps)["md"]
 except ImportError:  # pragma: no cover
     pass
 
