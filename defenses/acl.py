@@ -47,7 +47,7 @@ from defenses.adv_training import AdversarialTrainingProcedure
 from robustbench_lab import data as data_mod
 from robustbench_lab.cache import CheckpointCache, content_key
 from robustbench_lab.defense_base import Defense
-from robustbench_lab.errors import ConfigError
+from robustbench_lab.errors import ConfigError, check_known_fields
 from robustbench_lab.model import eval_frozen, predict
 from robustbench_lab.norms import Norm, project, random_in_ball
 
@@ -441,10 +441,7 @@ def _integer(key: str, v: Any, lo: int) -> int:
 
 def _from_dict(cls: type, d: Any, key: str) -> Any:
     d = dict(_plain(d) or {})
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - fields)
-    if unknown:
-        raise ConfigError(f"{key}.{unknown[0]}", d[unknown[0]], sorted(fields), "unknown key")
+    check_known_fields(cls, d, key)
     return cls(**d)
 
 

@@ -33,7 +33,7 @@ from torch import nn
 from robustbench_lab import data as data_mod
 from robustbench_lab.analyses import robustness_profile, rsa, smoothness_score
 from robustbench_lab.defense_base import Defense
-from robustbench_lab.errors import ConfigError
+from robustbench_lab.errors import ConfigError, check_known_fields
 from robustbench_lab.model import eval_frozen
 
 from .neural_targets import FittedTarget, PredictorSpec, TargetSource, _plain, pool_flatten
@@ -225,10 +225,7 @@ class AnalysisSpec:
     @classmethod
     def from_config(cls, node: Mapping[str, Any] | None, key: str = "defense.analysis") -> "AnalysisSpec":
         d = dict(_plain(node) or {})
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - fields)
-        if unknown:
-            raise ConfigError(f"{key}.{unknown[0]}", d[unknown[0]], sorted(fields), "unknown analysis field")
+        check_known_fields(cls, d, key, "analysis field")
         if "eps" in d:
             eps = d["eps"]
             if not isinstance(eps, (list, tuple)) or not all(isinstance(e, (int, float)) and not isinstance(e, bool)

@@ -60,7 +60,7 @@ from torch import nn
 from robustbench_lab import data as data_mod
 from robustbench_lab import zoo
 from robustbench_lab.cache import sha256_file
-from robustbench_lab.errors import ConfigError
+from robustbench_lab.errors import ConfigError, check_known_fields
 from robustbench_lab.model import Classifier
 
 log = logging.getLogger(__name__)
@@ -373,10 +373,7 @@ class PredictorSpec:
     @classmethod
     def from_config(cls, node: Mapping[str, Any] | None, key: str = "defense.predictor") -> "PredictorSpec":
         d = dict(_plain(node) or {})
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - fields)
-        if unknown:
-            raise ConfigError(f"{key}.{unknown[0]}", d[unknown[0]], sorted(fields), "unknown predictor field")
+        check_known_fields(cls, d, key, "predictor field")
         s = cls(**d)
         if s.mode not in PREDICTOR_MODES:
             raise ConfigError(f"{key}.mode", s.mode, PREDICTOR_MODES)

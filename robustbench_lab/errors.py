@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+import dataclasses
+from typing import Any, Iterable, Mapping
 
 
 class ConfigError(ValueError):
@@ -16,6 +17,15 @@ class ConfigError(ValueError):
         super().__init__(msg)
         self.key = key
         self.value = value
+
+
+def check_known_fields(cls: type, d: Mapping[str, Any], key: str, what: str = "key") -> None:
+    """Raise a ConfigError naming ``key.<name>`` for the first entry of ``d`` that is not a field of the
+    dataclass ``cls`` (a typo in a settings node), with the known fields as the allowed values."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - fields)
+    if unknown:
+        raise ConfigError(f"{key}.{unknown[0]}", d[unknown[0]], sorted(fields), f"unknown {what}")
 
 
 class DataNotFoundError(FileNotFoundError):

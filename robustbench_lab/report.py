@@ -14,7 +14,7 @@ import logging
 import math
 import sys
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -211,18 +211,24 @@ def aggregate(dirs: Sequence[str | Path], out: str | Path | None = None) -> dict
     return written
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m robustbench_lab.report", description=__doc__.split("\n")[0])
+def table_cli(write: Callable[..., dict[str, Any]], argv: Sequence[str] | None, description: str, prog: str | None = None) -> int:
+    """The command line of a table writer ``write(dirs, out) -> {"md": path, ...}``: directories, ``--out``;
+    exit 2 with a message for a missing directory. Used by this module and the studies' summaries."""
+    ap = argparse.ArgumentParser(prog=prog, description=description)
     ap.add_argument("dirs", nargs="+", help="run or sweep directories")
     ap.add_argument("--out", default=None, help="output folder (default: the first directory)")
     a = ap.parse_args(argv)
     try:
-        w = aggregate(a.dirs, a.out)
+        w = write(a.dirs, a.out)
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {w['md']}")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return table_cli(aggregate, argv, __doc__.split("\n")[0], prog="python -m robustbench_lab.report")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from . import data as data_mod
 from .cache import CheckpointCache, content_key
 from .defense_base import StandardTraining, TrainingProcedure
-from .errors import ConfigError
+from .errors import ConfigError, check_known_fields
 from .model import predict
 
 log = logging.getLogger(__name__)
@@ -45,10 +45,7 @@ class Recipe:
     @classmethod
     def from_config(cls, cfg: Any, key: str = "model.train") -> "Recipe":
         d = dict(cfg) if cfg is not None else {}
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - fields)
-        if unknown:
-            raise ConfigError(f"{key}.{unknown[0]}", d[unknown[0]], sorted(fields), "unknown recipe field")
+        check_known_fields(cls, d, key, "recipe field")
         if "milestones" in d:
             d["milestones"] = tuple(float(m) for m in d["milestones"])
         r = cls(**d)

@@ -11,10 +11,8 @@ end of ``python run.py experiment=acl_variants`` (``WriteTableOnMultirunEnd``).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -155,17 +153,8 @@ except ImportError:  # pragma: no cover
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("dirs", nargs="+")
-    ap.add_argument("--out", default=None)
-    a = ap.parse_args(argv)
-    try:
-        w = summarize(a.dirs, a.out)
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {w['md']}")
-    return 0
+    from robustbench_lab.report import table_cli
+    return table_cli(summarize, argv, __doc__.split("\n")[0])
 
 
 if __name__ == "__main__":
