@@ -1,8 +1,8 @@
 """Entry point: ``python run.py attack=<name> defense=<name> model=<name> data=<name> [overrides]``.
 
-Thin by design: Hydra composes the config, ``robustbench_lab.app.run`` does the work and returns the metrics;
+Thin by design: Hydra composes the config, ``robustbench_lab.app.execute.run_task`` does the work and returns the metrics;
 the return value (robust accuracy) is what a Hydra sweeper would optimize. ``task=linearize`` runs the
-ResNet linearization analysis instead (``robustbench_lab.linearization.app.run_linearize``). Around it: resumable cells (a
+ResNet linearization analysis instead (``robustbench_lab.app.linearize.run_linearize``). Around it: resumable cells (a
 finished cell of a re-launched sweep is restored, not recomputed) and, in a multirun, failure capture so one
 failing job does not stop the others.
 """
@@ -20,15 +20,13 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
 
-import robustbench_lab.schema  # noqa: E402,F401  registers the config schemas before Hydra composes
+from robustbench_lab.app.execute import execute  # noqa: E402  (importing the app registers the config schemas)
 
 log = logging.getLogger("robustbench_lab")
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float:
-    from robustbench_lab.app import execute
-
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     if multirun and cfg.get("logger") is not None and cfg.logger.get("group") is None:

@@ -1,2 +1,2 @@
 """Concrete attacks, one file per family; each holds only its method (the contract is in
-``robustbench_lab.attack_base``)."""
+``robustbench_lab.core.attack_base``)."""

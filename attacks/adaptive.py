@@ -20,9 +20,9 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from robustbench_lab.attack_base import Attack, CountingModel
-from robustbench_lab.errors import ConfigError
-from robustbench_lab.norms import Norm
+from robustbench_lab.core.attack_base import Attack, CountingModel
+from robustbench_lab.core.errors import ConfigError
+from robustbench_lab.core.norms import Norm
 
 log = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from attacks.pgd import PGD
-from robustbench_lab.attack_base import MINIMIZATION, Attack
-from robustbench_lab.errors import ConfigError
-from robustbench_lab.norms import Norm, flat
+from robustbench_lab.core.attack_base import MINIMIZATION, Attack
+from robustbench_lab.core.errors import ConfigError
+from robustbench_lab.core.norms import Norm, flat
 
 BETA1, BETA2, ADAM_EPS = 0.9, 0.999, 1e-8   # Adam's usual constants, as in the original code and Foolbox
 BOX_SHRINK = 1 - 1e-6                      # keeps atanh finite on pixels at exactly 0 or 1

@@ -9,9 +9,9 @@ import math
 import torch
 from torch import nn
 
-from robustbench_lab.attack_base import MINIMIZATION, Attack
-from robustbench_lab.errors import ConfigError
-from robustbench_lab.norms import Norm, flat
+from robustbench_lab.core.attack_base import MINIMIZATION, Attack
+from robustbench_lab.core.errors import ConfigError
+from robustbench_lab.core.norms import Norm, flat
 
 MIN_STEP = 1e-4   # added to every step length, as in the paper's code, so a step never stalls on the boundary
 

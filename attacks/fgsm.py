@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustbench_lab.attack_base import FIXED_EPS, Attack
-from robustbench_lab.norms import normalize_grad, project, random_in_ball
+from robustbench_lab.core.attack_base import FIXED_EPS, Attack
+from robustbench_lab.core.norms import normalize_grad, project, random_in_ball
 
 
 class FGSM(Attack):

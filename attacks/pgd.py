@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustbench_lab.attack_base import FIXED_EPS, Attack, margin_loss
-from robustbench_lab.errors import ConfigError
-from robustbench_lab.norms import normalize_grad, project, random_in_ball
+from robustbench_lab.core.attack_base import FIXED_EPS, Attack, margin_loss
+from robustbench_lab.core.errors import ConfigError
+from robustbench_lab.core.norms import normalize_grad, project, random_in_ball
 
 LOSSES = ("ce", "margin")
 

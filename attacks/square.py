@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from attacks.autoattack import LogMixin, captured_output, mode_guard, preserved_global_rng, pyaa_norm, seed_from
-from robustbench_lab.attack_base import FIXED_EPS, Attack
-from robustbench_lab.errors import ConfigError
-from robustbench_lab.norms import Norm
+from robustbench_lab.core.attack_base import FIXED_EPS, Attack
+from robustbench_lab.core.errors import ConfigError
+from robustbench_lab.core.norms import Norm
 
 LOSSES = ("margin", "ce")
 

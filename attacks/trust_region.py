@@ -14,9 +14,9 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from robustbench_lab.attack_base import MINIMIZATION, Attack
-from robustbench_lab.errors import ConfigError
-from robustbench_lab.norms import Norm, flat
+from robustbench_lab.core.attack_base import MINIMIZATION, Attack
+from robustbench_lab.core.errors import ConfigError
+from robustbench_lab.core.norms import Norm, flat
 
 # Per-norm trust radii in input space ([0, 1] pixels); see ``TrustRegion`` for how they were chosen.
 DEFAULT_RADIUS = {Norm.L2: 0.05, Norm.LINF: 0.001}

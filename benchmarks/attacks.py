@@ -40,13 +40,14 @@ os.environ.setdefault("ROBUSTBENCH_LAB_ROOT", str(ROOT))
 
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from robustbench_lab import data as data_mod  # noqa: E402
-from robustbench_lab.app import build_attack, build_model, checkpoint_spec, build_defense, train_seed  # noqa: E402
-from robustbench_lab.attack_base import CountingModel  # noqa: E402
-from robustbench_lab.cache import CheckpointCache  # noqa: E402
-from robustbench_lab.model import eval_frozen, predict  # noqa: E402
-from robustbench_lab.norms import l2, linf  # noqa: E402
-from robustbench_lab.train import Recipe, get_or_train  # noqa: E402
+from robustbench_lab.core import data as data_mod  # noqa: E402
+from robustbench_lab.app.builders import build_attack, build_model, checkpoint_spec, build_defense, train_seed  # noqa: E402
+from robustbench_lab.core.attack_base import CountingModel  # noqa: E402
+from robustbench_lab.core.cache import CheckpointCache  # noqa: E402
+from robustbench_lab.core.model import eval_frozen, predict  # noqa: E402
+from robustbench_lab.core.norms import l2, linf  # noqa: E402
+from robustbench_lab.core.recipe import Recipe  # noqa: E402
+from robustbench_lab.core.train import get_or_train
 
 EPS_LINF = 0.03   # fixed-budget comparison (PGD); small enough that attacks differ on the default model
 EPS_L2 = 0.5

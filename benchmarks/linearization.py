@@ -36,17 +36,18 @@ os.environ.setdefault("ROBUSTBENCH_LAB_ROOT", str(ROOT))
 from robustbench_lab.linearization import (TorchJacobian, count_equal_one, find_unit, get_block,  # noqa: E402
                                            has_identity_shortcut, svd_explicit, svd_lanczos, svd_lowrank,
                                            unit_function, unit_input)
-from robustbench_lab.model import Classifier  # noqa: E402
+from robustbench_lab.core.model import Classifier  # noqa: E402
 
 
 def load_model(name: str, device: torch.device) -> tuple[Classifier, torch.Tensor, str]:
     """The cached trained model ``name`` on the default data (as benchmarks/attacks.py) and test images."""
     from hydra import compose, initialize_config_dir
 
-    from robustbench_lab import data as data_mod
-    from robustbench_lab.app import build_defense, build_model, checkpoint_spec, train_seed
-    from robustbench_lab.cache import CheckpointCache
-    from robustbench_lab.train import Recipe, get_or_train
+    from robustbench_lab.core import data as data_mod
+    from robustbench_lab.app.builders import build_defense, build_model, checkpoint_spec, train_seed
+    from robustbench_lab.core.cache import CheckpointCache
+    from robustbench_lab.core.recipe import Recipe
+    from robustbench_lab.core.train import get_or_train
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[f"model={name}"])
@@ -63,7 +64,7 @@ def load_model(name: str, device: torch.device) -> tuple[Classifier, torch.Tenso
 
 def tiny_model(device: torch.device) -> tuple[Classifier, torch.Tensor, str]:
     """A random small ResNet-8 (width 8) on 1x12x12 inputs with non-trivial BatchNorm statistics."""
-    from robustbench_lab.zoo import CifarResNet
+    from robustbench_lab.core.zoo import CifarResNet
 
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""Concrete defenses, one file per defense (the protocols are in ``robustbench_lab.defense_base``).
+"""Concrete defenses, one file per defense (the protocols are in ``robustbench_lab.core.defense_base``).
 
 * ``defenses.jumprelu``: JumpReLU retrofitting (Erichson et al. 2019), a model transform: every ReLU of a
   trained model becomes ``x * 1[x > k]``; the jump ``k`` is tuned on validation data.

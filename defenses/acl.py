@@ -7,7 +7,7 @@ Written from the paper and ``docs/methods.md`` section 4; the authors' release
 leaves open (which BN the attack uses, the projection head's layers, the LARS form, the zero-initialised
 classifier). ``docs/acl.md`` lists every choice.
 
-A training procedure in two stages, both inside ``fit`` (called by ``robustbench_lab.train.get_or_train``):
+A training procedure in two stages, both inside ``fit`` (called by ``robustbench_lab.core.train.get_or_train``):
 
 1. **Self-supervised pre-training** (labels unused) of the run's network with its classification head
    replaced by a projection head, every BatchNorm doubled into a "normal" and a "pgd" set (all other weights
@@ -44,12 +44,12 @@ from tqdm.auto import tqdm
 
 from attacks.pgd import PGD
 from defenses.adv_training import AdversarialTrainingProcedure
-from robustbench_lab import data as data_mod
-from robustbench_lab.cache import CheckpointCache, content_key
-from robustbench_lab.defense_base import Defense
-from robustbench_lab.errors import ConfigError, check_known_fields
-from robustbench_lab.model import eval_frozen, predict
-from robustbench_lab.norms import Norm, project, random_in_ball
+from robustbench_lab.core import data as data_mod
+from robustbench_lab.core.cache import CheckpointCache, content_key
+from robustbench_lab.core.defense_base import Defense
+from robustbench_lab.core.errors import ConfigError, check_known_fields
+from robustbench_lab.core.model import eval_frozen, predict
+from robustbench_lab.core.norms import Norm, project, random_in_ball
 
 log = logging.getLogger(__name__)
 
@@ -690,7 +690,7 @@ def finetune(model: nn.Module, splits: data_mod.Splits, recipe: Any, protocol: s
     """Fine-tune ``model`` (a Classifier) in place with ``protocol`` and the run's ``recipe``; keep the epoch
     selected on validation data. Returns a history (per epoch: train loss, validation clean and robust
     accuracy; ``selected_epoch``)."""
-    from robustbench_lab.train import _scheduler   # the run's schedules, shared with standard training
+    from robustbench_lab.core.train import _scheduler   # the run's schedules, shared with standard training
 
     x_tr, y_tr = splits.x_train, splits.y_train
     if recipe.max_train > 0:
@@ -781,7 +781,7 @@ def finetune(model: nn.Module, splits: data_mod.Splits, recipe: Any, protocol: s
 
 # ================================================================================ the training procedure
 class ACLProcedure:
-    """Implements ``robustbench_lab.defense_base.TrainingProcedure`` plus ``fit`` (the whole two-stage
+    """Implements ``robustbench_lab.core.defense_base.TrainingProcedure`` plus ``fit`` (the whole two-stage
     training, which ``get_or_train`` calls instead of its standard loop). ``loss`` is the fine-tuning loss."""
 
     def __init__(self, variant: str, protocol: str, temperature: float, proj_dims: list[int] | None,

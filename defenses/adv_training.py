@@ -22,11 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustbench_lab.attack_base import FIXED_EPS, Attack
-from robustbench_lab.defense_base import Defense
-from robustbench_lab.errors import ConfigError
-from robustbench_lab.model import eval_frozen
-from robustbench_lab.norms import Norm, normalize_grad, project
+from robustbench_lab.core.attack_base import FIXED_EPS, Attack
+from robustbench_lab.core.defense_base import Defense
+from robustbench_lab.core.errors import ConfigError
+from robustbench_lab.core.model import eval_frozen
+from robustbench_lab.core.norms import Norm, normalize_grad, project
 
 METHODS = ("pgd", "trades")
 
@@ -37,7 +37,7 @@ def _attack_spec(attack: Attack) -> dict[str, Any]:
 
 
 class AdversarialTrainingProcedure:
-    """The per-batch loss of adversarial training (implements ``robustbench_lab.defense_base.TrainingProcedure``).
+    """The per-batch loss of adversarial training (implements ``robustbench_lab.core.defense_base.TrainingProcedure``).
 
     ``method='pgd'``: cross-entropy on ``attack``'s adversarial examples at ``eps`` (Madry's min-max; with
     ``attacks.fgsm.FGSM(random_start=True, step_scale=1.25)`` it is Wong et al.'s fast adversarial training).

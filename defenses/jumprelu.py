@@ -27,12 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustbench_lab import data as data_mod
-from robustbench_lab.attack_base import MINIMIZATION, Attack
-from robustbench_lab.defense_base import Defense
-from robustbench_lab.errors import ConfigError
-from robustbench_lab.model import eval_frozen, predict
-from robustbench_lab.norms import Norm, l2
+from robustbench_lab.core import data as data_mod
+from robustbench_lab.core.attack_base import MINIMIZATION, Attack
+from robustbench_lab.core.defense_base import Defense
+from robustbench_lab.core.errors import ConfigError
+from robustbench_lab.core.model import eval_frozen, predict
+from robustbench_lab.core.norms import Norm, l2
 
 log = logging.getLogger(__name__)
 
@@ -299,7 +299,7 @@ class JumpReLUDefense(Defense):
         if table is None:
             table = self.tune(model, x_val, y_val, seed=seed)
             if cached is not None:
-                from robustbench_lab.cache import atomic_write_bytes
+                from robustbench_lab.core.cache import atomic_write_bytes
                 atomic_write_bytes(cached, json.dumps({"chosen": self.chosen, "columns": list(table.columns), "table": {
                     c: table[c].tolist() for c in table.columns}}).encode())   # exact floats (repr round-trips)
         writer = context.get("writer")
@@ -310,7 +310,7 @@ class JumpReLUDefense(Defense):
 
     def tuning_key(self, model: nn.Module, x_val: torch.Tensor, y_val: torch.Tensor, seed: int) -> str:
         """Hash of everything the tuning result depends on (see the class docstring)."""
-        from robustbench_lab.cache import content_key
+        from robustbench_lab.core.cache import content_key
         h = hashlib.sha256()
         for name, t in sorted(model.state_dict().items()):
             h.update(name.encode())

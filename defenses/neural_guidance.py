@@ -30,11 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustbench_lab import data as data_mod
-from robustbench_lab.analyses import robustness_profile, rsa, smoothness_score
-from robustbench_lab.defense_base import Defense
-from robustbench_lab.errors import ConfigError, check_known_fields
-from robustbench_lab.model import eval_frozen
+from robustbench_lab.core import data as data_mod
+from robustbench_lab.core.analyses import robustness_profile, rsa, smoothness_score
+from robustbench_lab.core.defense_base import Defense
+from robustbench_lab.core.errors import ConfigError, check_known_fields
+from robustbench_lab.core.model import eval_frozen
 
 from .neural_targets import FittedTarget, PredictorSpec, TargetSource, _plain, pool_flatten
 
@@ -109,7 +109,7 @@ def layer_features(model: nn.Module, x: torch.Tensor, layer: str, pool: int, bat
 
 # ------------------------------------------------------------------------------------ the procedure
 class NeuralGuidanceProcedure:
-    """The per-batch loss of neural guidance (implements ``robustbench_lab.defense_base.TrainingProcedure``
+    """The per-batch loss of neural guidance (implements ``robustbench_lab.core.defense_base.TrainingProcedure``
     plus the loop's optional ``prepare``/``parameters`` hooks).
 
     ``prepare(model, splits, device)`` fits the target (``source.fit``) and builds the head
@@ -175,7 +175,7 @@ class NeuralGuidanceProcedure:
             return F.cross_entropy(model(x), y)
         if self.head is None or self.fitted is None or self.fitted.target is None:
             raise RuntimeError("NeuralGuidanceProcedure.prepare() has not run: the shared training loop calls it "
-                               "before the first batch (robustbench_lab.train.train)")
+                               "before the first batch (robustbench_lab.core.train.train)")
         tap = FeatureTap(model, self.layer, self.pool)
         with tap:
             logits = model(x)

@@ -57,11 +57,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustbench_lab import data as data_mod
-from robustbench_lab import zoo
-from robustbench_lab.cache import sha256_file
-from robustbench_lab.errors import ConfigError, check_known_fields
-from robustbench_lab.model import Classifier
+from robustbench_lab.core import data as data_mod
+from robustbench_lab.core import zoo
+from robustbench_lab.core.cache import sha256_file
+from robustbench_lab.core.errors import ConfigError, check_known_fields
+from robustbench_lab.core.model import Classifier
 
 log = logging.getLogger(__name__)
 
@@ -707,7 +707,7 @@ class ModelStageTarget(TargetSource):
                                  "data": dict(self.data), "seed": self.source_seed})
 
     def _build(self, dcard: data_mod.DataCard) -> Classifier:
-        from robustbench_lab.app import build_model
+        from robustbench_lab.app.builders import build_model
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.source_seed)    # the init the harness would use for this checkpoint
             return build_model(self._source_cfg(), dcard)
@@ -715,8 +715,8 @@ class ModelStageTarget(TargetSource):
     def recipe(self) -> Any:
         from omegaconf import OmegaConf
 
-        from robustbench_lab.app import CONF_DIR
-        from robustbench_lab.train import Recipe
+        from robustbench_lab.app.builders import CONF_DIR
+        from robustbench_lab.core.recipe import Recipe
         base = OmegaConf.load(CONF_DIR / "model" / f"{self.model}.yaml").get("train") or {}
         merged = {**dict(OmegaConf.to_container(base, resolve=True)), **self.train_overrides}   # type: ignore[arg-type]
         return Recipe.from_config(merged, key=f"{self.key}.train")
@@ -725,8 +725,8 @@ class ModelStageTarget(TargetSource):
         """The source network's checkpoint spec (the cache key's content), or its weights file's hash."""
         if self.checkpoint:
             return {"checkpoint_sha256": self._ckpt_sha, "model": self.model, "kwargs": self.kwargs}
-        from robustbench_lab.app import checkpoint_spec
-        from robustbench_lab.defense_base import NoDefense
+        from robustbench_lab.app.builders import checkpoint_spec
+        from robustbench_lab.core.defense_base import NoDefense
         return checkpoint_spec(self._source_cfg(), self.recipe(), NoDefense())
 
     def spec(self) -> dict[str, Any]:
@@ -737,8 +737,8 @@ class ModelStageTarget(TargetSource):
         """The frozen source network (trained and cached by the harness when missing)."""
         if self._net is not None:
             return self._net
-        from robustbench_lab.cache import CheckpointCache, content_key, load_weights
-        from robustbench_lab.train import get_or_train
+        from robustbench_lab.core.cache import CheckpointCache, content_key, load_weights
+        from robustbench_lab.core.train import get_or_train
         if splits.card.name != self.data["name"]:
             raise ConfigError(f"{self.key}.data.name", self.data["name"], [splits.card.name],
                               "the source network must be trained on the run's dataset")

@@ -37,7 +37,7 @@ elif command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = "0" ]; then
     apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null
 else
     echo "[setup] no apt/root: downloading Fashion-MNIST with torchvision into data/ (needs a network)"
-    .venv/bin/python -m robustbench_lab.data download fashion_mnist data \
+    .venv/bin/python -m robustbench_lab.core.data download fashion_mnist data \
         || echo "[setup] WARNING: download failed; run.py will explain how to provide the data" >&2
 fi
 echo "[setup] done"

@@ -29,7 +29,7 @@ def one_thread():
 
 
 def fashion_available() -> bool:
-    from robustbench_lab.data import SYSTEM_FASHION_MNIST
+    from robustbench_lab.core.data import SYSTEM_FASHION_MNIST
     return (SYSTEM_FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file() or \
         (SYSTEM_FASHION_MNIST / "train-images-idx3-ubyte").is_file()
 
@@ -37,7 +37,7 @@ def fashion_available() -> bool:
 @pytest.fixture(scope="session")
 def fmnist_small():
     """(x_train, y_train, x_test, y_test) float tensors in [0, 1]: 6000 train / 500 test points."""
-    from robustbench_lab import data
+    from robustbench_lab.core import data
     if not fashion_available():
         pytest.skip("Fashion-MNIST is not installed (bash scripts/setup.sh installs it)")
     s = data.load_splits("fashion_mnist", "/nonexistent", n_val=0, n_eval=500, split_seed=0)
@@ -47,8 +47,8 @@ def fmnist_small():
 @pytest.fixture(scope="session")
 def trained_small_cnn(fmnist_small):
     """A SmallCNN (width 32) trained for 3 epochs on 6000 Fashion-MNIST points (~85% test accuracy)."""
-    from robustbench_lab.model import Classifier
-    from robustbench_lab.zoo import SmallCNN
+    from robustbench_lab.core.model import Classifier
+    from robustbench_lab.core.zoo import SmallCNN
     x, y, xt, yt = fmnist_small
     torch.manual_seed(0)
     m = Classifier(SmallCNN(1, 10, width=32), (0.286,), (0.353,), 10)
@@ -82,6 +82,6 @@ def tmp_root(tmp_path, monkeypatch):
 def compose(overrides: list[str] | None = None, return_hydra_config: bool = False):
     from hydra import compose as h_compose, initialize_config_dir
 
-    import robustbench_lab.schema  # noqa: F401  (registers the structured-config schemas in the ConfigStore)
+    import robustbench_lab.app.schema  # noqa: F401  (registers the structured-config schemas in the ConfigStore)
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return h_compose(config_name="config", overrides=overrides or [], return_hydra_config=return_hydra_config)

@@ -14,13 +14,14 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from defenses.acl import (ACL, LARS, ContrastiveModel, DualBatchNorm, PretrainConfig, bn_branch, contrastive_pgd,
                           load_pretrained, nt_xent, pretrain, simclr_augment, warmup_cosine, _hsv_to_rgb,
                           _rgb_to_hsv, _robust_accuracy)
-from robustbench_lab import data as data_mod
-from robustbench_lab.app import build_defense
-from robustbench_lab.cache import CheckpointCache, content_key
-from robustbench_lab.errors import ConfigError
-from robustbench_lab.model import Classifier, eval_frozen
-from robustbench_lab.train import Recipe, get_or_train
-from robustbench_lab.zoo import CifarResNet
+from robustbench_lab.core import data as data_mod
+from robustbench_lab.app.builders import build_defense
+from robustbench_lab.core.cache import CheckpointCache, content_key
+from robustbench_lab.core.errors import ConfigError
+from robustbench_lab.core.model import Classifier, eval_frozen
+from robustbench_lab.core.recipe import Recipe
+from robustbench_lab.core.train import get_or_train
+from robustbench_lab.core.zoo import CifarResNet
 
 from conftest import compose
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from hydra.utils import get_class
 
-from robustbench_lab.app import build_attack
-from robustbench_lab.attack_base import FIXED_EPS, MINIMIZATION
-from robustbench_lab.norms import Norm, l2, linf
+from robustbench_lab.app.builders import build_attack
+from robustbench_lab.core.attack_base import FIXED_EPS, MINIMIZATION
+from robustbench_lab.core.norms import Norm, l2, linf
 
 from conftest import ROOT, compose
 

@@ -18,8 +18,8 @@ from torch import nn
 from attacks.autoattack import AutoAttack
 from attacks.pgd import PGD
 from attacks.square import Square
-from robustbench_lab.app import build_attack
-from robustbench_lab.norms import l2, linf
+from robustbench_lab.app.builders import build_attack
+from robustbench_lab.core.norms import l2, linf
 
 from conftest import compose
 
@@ -271,24 +271,28 @@ def test_model_in_eval_mode_throughout(trained_small_cnn, pts, which):
 
 # -- reference: our PGD vs torchattacks.PGD -----------------------------------------------------------------
 def test_our_pgd_at_least_as_strong_as_torchattacks(trained_small_cnn, pts):
-    """Same budget (L-inf eps, step alpha = 2.5 eps / 20, 20 steps, uniform random start), 200 points.
+    """Same budget (L-inf eps, step alpha = 2.5 eps / 20, 20 steps), 200 points.
 
-    Ours keeps any misclassified iterate (torchattacks returns the last one), so it should never be weaker;
-    no tolerance. eps 0.05 keeps both robust accuracies far from 0 so the check can fail (measured: equal or
-    ours lower by 0.5 point over three seeds; the two are the same algorithm, so a gap is not expected).
+    Without a random start both are deterministic and run the same iteration from the same point; ours keeps
+    any misclassified iterate (torchattacks returns the last one), so it can never be weaker: no tolerance.
+    With random starts (drawn from different streams) the two differ by sampling noise alone (one point of
+    200 either way on this machine), so that comparison gets a tolerance of 3 points. eps 0.05 keeps both
+    robust accuracies far from 0 so the checks can fail.
     """
     torchattacks = pytest.importorskip("torchattacks")
     m = trained_small_cnn
     xt, yt = pts
     x, y, eps, steps = xt[:200], yt[:200], 0.05, 20
     alpha = 2.5 * eps / steps
-    ours = PGD(norm="linf", steps=steps, step_size=alpha, random_start=True)(m, x, y, eps=eps, generator=gen())
-    with torch.random.fork_rng(devices=[]):   # torchattacks draws its random start from the global RNG
-        torch.manual_seed(1234)                # independent of our generator's draws
-        ta = torchattacks.PGD(m, eps=eps, alpha=alpha, steps=steps, random_start=True)
-        x_ta = ta(x, y)
-    assert linf(x_ta - x).max() <= eps + 1e-6
-    acc_ours, acc_ta = robust_acc(m, ours.x_adv, y), robust_acc(m, x_ta, y)
-    assert 0.1 < acc_ta < robust_acc(m, x, y), (acc_ta, "eps gives no room for a difference")
-    assert acc_ours <= acc_ta, (acc_ours, acc_ta)
+    for random_start, tolerance in ((False, 0.0), (True, 3 / 200)):
+        ours = PGD(norm="linf", steps=steps, step_size=alpha, random_start=random_start)(m, x, y, eps=eps,
+                                                                                       generator=gen())
+        with torch.random.fork_rng(devices=[]):   # torchattacks draws its random start from the global RNG
+            torch.manual_seed(1234)                # independent of our generator's draws
+            ta = torchattacks.PGD(m, eps=eps, alpha=alpha, steps=steps, random_start=random_start)
+            x_ta = ta(x, y)
+        assert linf(x_ta - x).max() <= eps + 1e-6
+        acc_ours, acc_ta = robust_acc(m, ours.x_adv, y), robust_acc(m, x_ta, y)
+        assert 0.1 < acc_ta < robust_acc(m, x, y), (acc_ta, "eps gives no room for a difference")
+        assert acc_ours <= acc_ta + tolerance, (random_start, acc_ours, acc_ta)
     assert not m.training

@@ -26,15 +26,17 @@ import pytest
 import torch
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
-from robustbench_lab import data as data_mod
-from robustbench_lab.app import build_model, execute
-from robustbench_lab.cache import (CheckpointCache, CheckpointMismatchError, content_key, save_weights,
+from robustbench_lab.core import data as data_mod
+from robustbench_lab.app.builders import build_model
+from robustbench_lab.app.execute import execute
+from robustbench_lab.core.cache import (CheckpointCache, CheckpointMismatchError, content_key, save_weights,
                                    sha256_file)
-from robustbench_lab.cells import CellStore, cell_key
-from robustbench_lab.errors import ConfigError, DataNotFoundError
-from robustbench_lab.model import Classifier
-from robustbench_lab.train import Recipe, get_or_train
-from robustbench_lab.zoo import LinearClassifier
+from robustbench_lab.app.cells import CellStore, cell_key
+from robustbench_lab.core.errors import ConfigError, DataNotFoundError
+from robustbench_lab.core.model import Classifier
+from robustbench_lab.core.recipe import Recipe
+from robustbench_lab.core.train import get_or_train
+from robustbench_lab.core.zoo import LinearClassifier
 
 from conftest import ROOT, compose, fashion_available
 
@@ -391,7 +393,7 @@ def test_corrupted_cached_checkpoint_is_rebuilt_in_a_run(prior, tmp_path, caplog
         raw[i] ^= 0x5A
     wp.write_bytes(bytes(raw))
     run_dir = tmp_path / "run"
-    with caplog.at_level(logging.WARNING, logger="robustbench_lab.cache"):
+    with caplog.at_level(logging.WARNING, logger="robustbench_lab.core.cache"):
         execute(compose(TINY + _paths(root) + ["resume=false"]), run_dir)
     assert any("corrupted" in r.getMessage() and wp.stem in r.getMessage() for r in caplog.records)
     m = json.loads((run_dir / "metrics.json").read_text())
@@ -461,7 +463,7 @@ def test_tampered_cache_entry_is_never_used(tmp_path, tamper, caplog):
     a, b = content_key(spec(0)), content_key(spec(1))
     assert a_meta["key"] == a and not torch.equal(a_model.net.fc.weight, b_model.net.fc.weight)
     tamper(cache, a, b)
-    with caplog.at_level(logging.WARNING, logger="robustbench_lab.cache"):
+    with caplog.at_level(logging.WARNING, logger="robustbench_lab.core.cache"):
         m, meta = train(cache, seed=0)
     assert meta["cache_hit"] is False
     if tamper is not _truncate_sidecar:                  # an unreadable sidecar is simply an absent entry
@@ -515,7 +517,7 @@ def test_damaged_cell_is_not_restored(tmp_path, damage, caplog):
     store.put(other, other_dir, other_cfg)
     assert store.verify(key) is None and store.restore(key, tmp_path / "ok")["robust_accuracy"] == 0.5
     damage(store, key, other)
-    with caplog.at_level(logging.WARNING, logger="robustbench_lab.cells"):
+    with caplog.at_level(logging.WARNING, logger="robustbench_lab.app.cells"):
         assert store.restore(key, tmp_path / "restored") is None
     assert any("damaged" in r.getMessage() and key in r.getMessage() for r in caplog.records)
     assert not store.path(key).exists() and not store.done(key)
@@ -532,7 +534,7 @@ def test_damaged_cell_is_recomputed_in_a_run(prior, tmp_path, caplog):
     raw[len(raw) // 2] ^= 0x01
     (cell / "per_example.parquet").write_bytes(bytes(raw))
     run_dir = tmp_path / "run"
-    with caplog.at_level(logging.WARNING, logger="robustbench_lab.cells"):
+    with caplog.at_level(logging.WARNING, logger="robustbench_lab.app.cells"):
         execute(compose(TINY + _paths(root)), run_dir)
     assert any("damaged" in r.getMessage() for r in caplog.records)
     m = json.loads((run_dir / "metrics.json").read_text())

@@ -1,4 +1,4 @@
-"""Tests of robustbench_lab.cache: content keys, safe round trips, corruption detection, locking."""
+"""Tests of robustbench_lab.core.cache: content keys, safe round trips, corruption detection, locking."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from robustbench_lab.cache import (CheckpointCache, CheckpointMismatchError, atomic_write_bytes,
+from robustbench_lab.core.cache import (CheckpointCache, CheckpointMismatchError, atomic_write_bytes,
                                    atomic_write_text, canonical_json, content_key, load_weights, save_weights,
                                    sha256_file)
 
@@ -141,9 +141,9 @@ def test_corrupted_entry_detected_and_removed(tmp_path, caplog):
 
     target = _model(1)
     before = {k: v.clone() for k, v in target.state_dict().items()}
-    with caplog.at_level(logging.WARNING, logger="robustbench_lab.cache"):
+    with caplog.at_level(logging.WARNING, logger="robustbench_lab.core.cache"):
         assert cache.load(key, target) is None
-    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and r.name == "robustbench_lab.cache"]
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and r.name == "robustbench_lab.core.cache"]
     assert len(warnings) == 1 and "corrupted" in warnings[0].getMessage() and key in warnings[0].getMessage()
     assert not wp.exists() and not cache.meta_path(key).exists()
     for k, v in target.state_dict().items():         # the model was not touched

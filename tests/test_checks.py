@@ -8,10 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from robustbench_lab.app import build_attack, run
-from robustbench_lab.checks import audit, run_checks
-from robustbench_lab.evaluator import evaluate
-from robustbench_lab.norms import Norm
+from robustbench_lab.app.builders import build_attack
+
+from robustbench_lab.app.execute import run_task
+from robustbench_lab.app.checks import audit, run_checks
+from robustbench_lab.core.evaluator import evaluate
+from robustbench_lab.core.norms import Norm
 
 from conftest import compose, fashion_available
 
@@ -136,7 +138,7 @@ def test_audit_detects_violations():
 def test_checks_recorded_in_metrics(tmp_root):
     cfg = compose(["model=small_cnn", "model.train.max_train=2000", "model.train.epochs=1", "data.n_eval=64",
                    "data.n_val=200", "progress=false", "logger=none", "checks=quick"])
-    run(cfg, tmp_root / "r")
+    run_task(cfg, tmp_root / "r")
     m = json.loads((tmp_root / "r" / "metrics.json").read_text())
     assert set(m["checks"]) >= {"audit", "zero_gradients", "eps_monotonicity"}
     assert m["checks"]["zero_gradients"]["doc"] == "docs/checks/zero_gradients.md"
@@ -154,7 +156,7 @@ def _cascade_table(rows):
 
 def test_cascade_evidence_counts_points_the_white_box_attacks_missed():
     """BPDA and Square later in a cascade only see points PGD left robust: what they break, PGD missed."""
-    from robustbench_lab.checks import _stronger, attack_kind, cascade_evidence
+    from robustbench_lab.app.checks import _stronger, attack_kind, cascade_evidence
     atks = [build_attack(compose([f"attack={a}", "attack.eps=0.1"]).attack)[0] for a in ("pgd", "pgd_bpda", "square")]
     assert [attack_kind(a) for a in atks] == ["white_box", "bpda", "black_box"]
     T, F = True, False

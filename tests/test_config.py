@@ -9,11 +9,13 @@ import time
 import pytest
 from omegaconf import OmegaConf
 
-from robustbench_lab import data as data_mod, zoo
-from robustbench_lab.app import build_attack, build_defense, resolve_device, validate
-from robustbench_lab.attack_base import Attack
-from robustbench_lab.defense_base import Defense
-from robustbench_lab.errors import ConfigError
+from robustbench_lab.core import data as data_mod, zoo
+from robustbench_lab.app.builders import build_attack, build_defense
+from robustbench_lab.core.device import resolve_device
+from robustbench_lab.app.validate import validate
+from robustbench_lab.core.attack_base import Attack
+from robustbench_lab.core.defense_base import Defense
+from robustbench_lab.core.errors import ConfigError
 
 from conftest import ROOT, compose
 
@@ -61,7 +63,7 @@ def test_every_data_option_is_registered(opt):
 
 @pytest.mark.parametrize("opt", options("logger"))
 def test_every_logger_option(opt):
-    from robustbench_lab.tracking import make_tracker
+    from robustbench_lab.app.tracking import make_tracker
     assert make_tracker(compose([f"logger={opt}"]).logger).name == opt
 
 
@@ -134,7 +136,7 @@ def test_wandb_tables_with_mixed_columns_are_made_loggable():
     it); wandb_safe turns such columns into strings and leaves numeric ones alone."""
     import pandas as pd
     wandb = pytest.importorskip("wandb")
-    from robustbench_lab.tracking import wandb_safe
+    from robustbench_lab.app.tracking import wandb_safe
 
     df = pd.DataFrame({"note": [None, 1.5, "top: not converged"], "x": [1.0, float("nan"), 3.0],
                        "name": ["a", "b", "c"]})

@@ -13,11 +13,11 @@ from attacks.cw import CarliniWagnerL2, CWLinf
 from attacks.deepfool import DeepFool
 from attacks.fgsm import FGSM
 from attacks.pgd import PGD
-from robustbench_lab.app import build_attack
-from robustbench_lab.errors import ConfigError
-from robustbench_lab.model import Classifier
-from robustbench_lab.norms import Norm
-from robustbench_lab.zoo import LinearClassifier
+from robustbench_lab.app.builders import build_attack
+from robustbench_lab.core.errors import ConfigError
+from robustbench_lab.core.model import Classifier
+from robustbench_lab.core.norms import Norm
+from robustbench_lab.core.zoo import LinearClassifier
 
 from conftest import compose
 

@@ -1,4 +1,4 @@
-"""Tests of robustbench_lab.data on small files the tests write in the datasets' real on-disk formats."""
+"""Tests of robustbench_lab.core.data on small files the tests write in the datasets' real on-disk formats."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import pytest
 import scipy.io
 import torch
 
-from robustbench_lab import data
-from robustbench_lab.data import DataNotFoundError, read_idx, write_idx
-from robustbench_lab.errors import ConfigError
+from robustbench_lab.core import data
+from robustbench_lab.core.data import DataNotFoundError, read_idx, write_idx
+from robustbench_lab.core.errors import ConfigError
 
 # ------------------------------------------------------------------------------------------- helpers
 N_TRAIN, N_TEST = 40, 20

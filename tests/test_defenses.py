@@ -20,12 +20,13 @@ from attacks.fgsm import FGSM
 from attacks.pgd import PGD
 from defenses.adv_training import AdversarialTraining
 from defenses.jumprelu import JumpReLU, JumpReLUDefense, choose_jump, keep_undefended, retrofit
-from robustbench_lab.app import build_attack, build_defense, checkpoint_spec, run
-from robustbench_lab.cache import content_key
-from robustbench_lab.errors import ConfigError
-from robustbench_lab.model import Classifier
-from robustbench_lab.results import ResultWriter
-from robustbench_lab.train import Recipe
+from robustbench_lab.app.builders import build_attack, build_defense, checkpoint_spec
+from robustbench_lab.app.execute import run_task
+from robustbench_lab.core.cache import content_key
+from robustbench_lab.core.errors import ConfigError
+from robustbench_lab.core.model import Classifier
+from robustbench_lab.core.results import ResultWriter
+from robustbench_lab.core.recipe import Recipe
 
 from conftest import compose, fashion_available
 
@@ -259,8 +260,8 @@ def test_jumprelu_config_errors_name_the_key():
 # ---------------------------------------------------------------------------------- adversarial training
 def _train_eval(procedure, fmnist_small, steps: int = 240) -> tuple[float, float]:
     """Train a small MLP for ``steps`` batches of 50 on 3000 points; clean and PGD-10 (eps 0.1) accuracy."""
-    from robustbench_lab import data as data_mod
-    from robustbench_lab.train import train
+    from robustbench_lab.core import data as data_mod
+    from robustbench_lab.core.train import train
     x, y, xt, yt = fmnist_small
     splits = data_mod.Splits(data_mod.get_card("fashion_mnist"), x[:3000], y[:3000], x[:0], y[:0], xt, yt,
                              torch.arange(0), torch.arange(300))
@@ -314,7 +315,7 @@ def test_jumprelu_run_writes_the_tradeoff_and_evaluates_adaptive_attacks(tmp_roo
                    "attacks=[pgd,pgd_bpda,pgd_transfer]", "attack.eps=0.05",
                    "defense.grid=[0.25,0.5,1.0]", "defense.tradeoff_n=24", "defense.tradeoff_attack.steps=10"])
     out = tmp_root / "run"
-    m = run(cfg, out)
+    m = run_task(cfg, out)
     t = pd.read_csv(out / "jumprelu_tradeoff.csv")
     assert t["k"].tolist() == [0.0, 0.25, 0.5, 1.0]
     assert {"val_accuracy", "accuracy_drop", "admissible", "chosen", "zero_grad_fraction", "median_min_l2",

@@ -8,8 +8,8 @@ import math
 import pandas as pd
 import pytest
 
-from robustbench_lab.app import run
-from robustbench_lab.results import REQUIRED_METRICS
+from robustbench_lab.app.execute import run_task
+from robustbench_lab.core.results import REQUIRED_METRICS
 
 from conftest import compose, fashion_available
 
@@ -22,7 +22,7 @@ SMALL = ["model=small_cnn", "model.train.max_train=3000", "model.train.epochs=1"
 def test_run_writes_complete_results_and_reuses_checkpoint(tmp_root):
     cfg = compose(SMALL + ["logger=wandb", "logger.mode=offline"])
     out = tmp_root / "run1"
-    m = run(cfg, out)
+    m = run_task(cfg, out)
     saved = json.loads((out / "metrics.json").read_text())
     for k in REQUIRED_METRICS:
         assert k in saved, k
@@ -47,7 +47,7 @@ def test_run_writes_complete_results_and_reuses_checkpoint(tmp_root):
     assert list((out / "wandb").glob("offline-run-*")), "no offline W&B run was written"
     assert not (out / ".staging").exists()
 
-    m2 = run(compose(SMALL + ["logger=none"]), tmp_root / "run2")
+    m2 = run_task(compose(SMALL + ["logger=none"]), tmp_root / "run2")
     assert m2["cache_hit"] is True
     assert m2["clean_accuracy"] == saved["clean_accuracy"]
     assert m2["robust_accuracy"] == saved["robust_accuracy"]   # same seed -> same numbers
@@ -60,13 +60,13 @@ def test_wandb_failure_does_not_lose_results(tmp_root, monkeypatch):
         raise RuntimeError("W&B is down")
     monkeypatch.setattr(wandb, "init", boom)
     with pytest.warns(UserWarning, match="W&B init failed"):
-        run(compose(SMALL + ["logger=wandb"]), tmp_root / "run")
+        run_task(compose(SMALL + ["logger=wandb"]), tmp_root / "run")
     assert (tmp_root / "run" / "metrics.json").is_file()
 
 
 def test_seed_changes_attack_randomness_not_eval_points(tmp_root):
-    a = run(compose(SMALL + ["logger=none", "seed=0"]), tmp_root / "a")
-    b = run(compose(SMALL + ["logger=none", "seed=1", "model.train_seed=0"]), tmp_root / "b")
+    a = run_task(compose(SMALL + ["logger=none", "seed=0"]), tmp_root / "a")
+    b = run_task(compose(SMALL + ["logger=none", "seed=1", "model.train_seed=0"]), tmp_root / "b")
     ia = pd.read_parquet(tmp_root / "a" / "per_example.parquet")["index"].tolist()
     ib = pd.read_parquet(tmp_root / "b" / "per_example.parquet")["index"].tolist()
     assert ia == ib
@@ -74,7 +74,7 @@ def test_seed_changes_attack_randomness_not_eval_points(tmp_root):
 
 
 def test_cascade_runs_each_attack_on_points_still_robust(tmp_root):
-    m = run(compose(SMALL + ["logger=none", "attacks=[fgsm,pgd]", "attack.eps=0.03"]), tmp_root / "c")
+    m = run_task(compose(SMALL + ["logger=none", "attacks=[fgsm,pgd]", "attack.eps=0.03"]), tmp_root / "c")
     pe = pd.read_parquet(tmp_root / "c" / "per_example.parquet")
     f, p = pe[pe["attack"] == "fgsm"].set_index("index"), pe[pe["attack"] == "pgd"].set_index("index")
     assert len(f) == len(p) == 64
@@ -88,7 +88,7 @@ def test_cascade_runs_each_attack_on_points_still_robust(tmp_root):
 
 
 def test_cascade_unknown_member_is_a_config_error(tmp_root):
-    from robustbench_lab.errors import ConfigError
+    from robustbench_lab.core.errors import ConfigError
     with pytest.raises(ConfigError, match=r"attacks\[1\]"):
-        run(compose(SMALL + ["logger=none", "attacks=[fgsm,nope]"]), tmp_root / "x")
+        run_task(compose(SMALL + ["logger=none", "attacks=[fgsm,nope]"]), tmp_root / "x")
     assert not (tmp_root / "x" / "metrics.json").exists()

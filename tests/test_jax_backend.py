@@ -27,8 +27,8 @@ from torch import nn
 jax = pytest.importorskip("jax")
 
 from robustbench_lab.linearization import jax_backend as jb  # noqa: E402
-from robustbench_lab.model import Classifier, eval_frozen  # noqa: E402
-from robustbench_lab.zoo import CifarResNet  # noqa: E402
+from robustbench_lab.core.model import Classifier, eval_frozen  # noqa: E402
+from robustbench_lab.core.zoo import CifarResNet  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,4 +1,4 @@
-"""The gradient-masking checks of robustbench_lab.checks on JumpReLU retrofits of the trained small CNN.
+"""The gradient-masking checks of robustbench_lab.app.checks on JumpReLU retrofits of the trained small CNN.
 
 k = 0 is the original network behind JumpReLU modules (and with an undefended source, so the transfer
 check runs too): every check stays quiet. A large jump kills the input gradient of a large share of the
@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 
 from defenses.jumprelu import retrofit
-from robustbench_lab.app import build_attack
-from robustbench_lab.checks import run_checks
-from robustbench_lab.evaluator import evaluate
-from robustbench_lab.model import predict
-from robustbench_lab.norms import l2
+from robustbench_lab.app.builders import build_attack
+from robustbench_lab.app.checks import run_checks
+from robustbench_lab.core.evaluator import evaluate
+from robustbench_lab.core.model import predict
+from robustbench_lab.core.norms import l2
 
 from conftest import compose
 

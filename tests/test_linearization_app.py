@@ -16,8 +16,10 @@ import pandas as pd
 import pytest
 import torch
 
-from robustbench_lab.app import build_model, execute
-from robustbench_lab.errors import ConfigError
+from robustbench_lab.app.builders import build_model
+
+from robustbench_lab.app.execute import execute
+from robustbench_lab.core.errors import ConfigError
 
 from conftest import ROOT, compose, fashion_available
 
@@ -55,8 +57,8 @@ def lin(tmp_path_factory):
 
 def _trained_model(lin) -> torch.nn.Module:
     """The run's network, loaded from the cached checkpoint it used (independently of the analysis code)."""
-    from robustbench_lab.cache import load_weights
-    from robustbench_lab.data import get_card
+    from robustbench_lab.core.cache import load_weights
+    from robustbench_lab.core.data import get_card
     model = build_model(lin["cfg"], get_card("fashion_mnist"))
     load_weights(model, Path(lin["metrics"]["checkpoint"]), what="test")
     return model.eval()
@@ -197,7 +199,7 @@ def _small_unit(boundary: str, channels: int = 2, size: int = 8, seed: int = 0):
     """A random BasicBlock (BatchNorm statistics randomized, eval mode) at a random nonnegative input."""
     from robustbench_lab.linearization.operators import TorchJacobian
     from robustbench_lab.linearization.units import unit_function
-    from robustbench_lab.zoo import BasicBlock
+    from robustbench_lab.core.zoo import BasicBlock
     torch.manual_seed(seed)
     blk = BasicBlock(channels, channels).eval()
     for bn in (blk.bn1, blk.bn2):
@@ -242,7 +244,7 @@ def test_lanczos_that_does_not_converge_leaves_the_end_unknown():
 
 def test_jax_backend_gives_the_torch_spectrum():
     pytest.importorskip("jax")
-    from robustbench_lab.linearization.app import operator_factory
+    from robustbench_lab.app.linearize import operator_factory
     from robustbench_lab.linearization.experiments import compute_spectrum
     from robustbench_lab.linearization.units import unit_function
     blk, x0, op_t = _small_unit("post")
@@ -254,7 +256,7 @@ def test_jax_backend_gives_the_torch_spectrum():
 
 
 def test_jax_backend_without_jax_is_a_config_error(monkeypatch):
-    from robustbench_lab.linearization.app import operator_factory
+    from robustbench_lab.app.linearize import operator_factory
     monkeypatch.setitem(sys.modules, "jax", None)   # import jax -> ImportError
     with pytest.raises(ConfigError, match="jax is not installed") as ei:
         operator_factory("jax")
@@ -273,7 +275,7 @@ def test_cell_is_restored_with_its_files(lin, capsys):
 
 def test_evaluation_cell_keys_unchanged_by_the_linearize_node():
     """Adding task/linearize to the config must not change the keys of stored evaluation cells."""
-    from robustbench_lab.cells import relevant_config
+    from robustbench_lab.app.cells import relevant_config
     rc = relevant_config(compose(["logger=none"]))
     assert "task" not in rc and "linearize" not in rc
     assert "linearize" in relevant_config(compose(["logger=none", "task=linearize"]))

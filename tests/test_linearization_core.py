@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from robustbench_lab.errors import ConfigError
+from robustbench_lab.core.errors import ConfigError
 from robustbench_lab.linearization import (ModuleFunction, TorchJacobian, UnitRef, count_near, dense_jacobian,
                                            get_block, hidden_states, list_units, reduction_rank, scaled,
                                            singular_values, stage_function, svd_explicit, svd_lanczos, svd_lowrank,
                                            unit_function, unit_input)
-from robustbench_lab.model import Classifier
-from robustbench_lab.zoo import CifarResNet, SmallCNN
+from robustbench_lab.core.model import Classifier
+from robustbench_lab.core.zoo import CifarResNet, SmallCNN
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -17,15 +17,16 @@ from defenses.neural_guidance import FeatureTap, NeuralGuidance, NeuralGuidanceP
 from defenses.neural_targets import (MODEL_DERIVED, FileTarget, FittedTarget, GaborBank, ModelStageTarget,
                                      PredictorSpec, ResponsePipeline, V1GaborTarget, full_training_set,
                                      load_neural_file, network_stages, shuffled_pairs)
-from robustbench_lab import data as data_mod
-from robustbench_lab.analyses import robustness_profile, rsa
-from robustbench_lab.app import build_defense, checkpoint_spec
-from robustbench_lab.cache import content_key, save_weights
-from robustbench_lab.defense_base import NoDefense
-from robustbench_lab.errors import ConfigError
-from robustbench_lab.model import Classifier
-from robustbench_lab.train import Recipe, train
-from robustbench_lab.zoo import SmallCNN
+from robustbench_lab.core import data as data_mod
+from robustbench_lab.core.analyses import robustness_profile, rsa
+from robustbench_lab.app.builders import build_defense, checkpoint_spec
+from robustbench_lab.core.cache import content_key, save_weights
+from robustbench_lab.core.defense_base import NoDefense
+from robustbench_lab.core.errors import ConfigError
+from robustbench_lab.core.model import Classifier
+from robustbench_lab.core.recipe import Recipe
+from robustbench_lab.core.train import train
+from robustbench_lab.core.zoo import SmallCNN
 
 from conftest import compose, fashion_available
 
@@ -374,13 +375,13 @@ def test_run_trains_through_the_shared_loop_and_records_the_analysis(tmp_root):
 
     from safetensors.torch import load_file
 
-    from robustbench_lab.app import run
+    from robustbench_lab.app.execute import run_task
     cfg = compose(["defense=neural_guidance", "model=small_cnn", "model.train.max_train=400", "model.train.epochs=1",
                    "data.n_eval=40", "data.n_val=100", "progress=false", "logger=none", "checks=none",
                    "attack.steps=3", "defense.neural_target.n_fit=100", "defense.neural_target.n_heldout=50",
                    "defense.analysis.n=40", "defense.analysis.eps=[0.05]", "defense.analysis.steps=3",
                    "defense.analysis.rsa_n=20"])
-    m = run(cfg, tmp_root / "run")
+    m = run_task(cfg, tmp_root / "run")
     assert m["cache_hit"] is False
     dc = json.loads((tmp_root / "run" / "metrics.json").read_text())["defense_config"]
     assert dc["source_kind"] == "surrogate" and dc["target_label"].endswith(MODEL_DERIVED)

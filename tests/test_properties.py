@@ -1,6 +1,6 @@
 """Property-based tests (hypothesis) of the attack contract, for every attack config in conf/attack, over
 random input shapes (channels 1-3, sides 4-12, batch 1-6), epsilons, norms, labels and small random models
-(a linear map, an MLP, a tiny CNN with BatchNorm, as ``robustbench_lab.model.Classifier``s).
+(a linear map, an MLP, a tiny CNN with BatchNorm, as ``robustbench_lab.core.model.Classifier``s).
 
 For each draw: the returned inputs are finite and in [0, 1]; fixed-epsilon attacks stay within epsilon;
 ``success`` is exactly a fresh misclassification of the returned tensor (and, for minimization attacks
@@ -24,10 +24,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from robustbench_lab.app import build_attack
-from robustbench_lab.attack_base import FIXED_EPS, MINIMIZATION
-from robustbench_lab.model import Classifier
-from robustbench_lab.norms import l2, linf
+from robustbench_lab.app.builders import build_attack
+from robustbench_lab.core.attack_base import FIXED_EPS, MINIMIZATION
+from robustbench_lab.core.model import Classifier
+from robustbench_lab.core.norms import l2, linf
 
 from conftest import ROOT, compose
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from robustbench_lab.cache import sha256_file
+from robustbench_lab.core.cache import sha256_file
 
 from conftest import ROOT, fashion_available
 

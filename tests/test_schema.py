@@ -8,8 +8,8 @@ import dataclasses
 import pytest
 from omegaconf import OmegaConf
 
-from robustbench_lab import schema
-from robustbench_lab.train import Recipe
+from robustbench_lab.app import schema
+from robustbench_lab.core.recipe import Recipe
 
 from conftest import ROOT, compose
 

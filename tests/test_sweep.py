@@ -13,8 +13,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from robustbench_lab.cells import cell_key
-from robustbench_lab.report import aggregate, collect, summarize
+from robustbench_lab.app.cells import cell_key
+from robustbench_lab.app.report import aggregate, collect, summarize
 
 from conftest import ROOT, compose, fashion_available
 
@@ -83,11 +83,11 @@ def test_aggregation_with_minimization_attacks_without_eps(tmp_path):
 
 def test_report_cli(tmp_path):
     _fake_run(tmp_path / "r")
-    p = subprocess.run([sys.executable, "-m", "robustbench_lab.report", str(tmp_path)], capture_output=True,
+    p = subprocess.run([sys.executable, "-m", "robustbench_lab.app.report", str(tmp_path)], capture_output=True,
                        text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert (tmp_path / "comparison.md").is_file()
-    p = subprocess.run([sys.executable, "-m", "robustbench_lab.report", str(tmp_path / "nope")],
+    p = subprocess.run([sys.executable, "-m", "robustbench_lab.app.report", str(tmp_path / "nope")],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "no such run directory" in p.stderr
 
@@ -168,7 +168,7 @@ def test_submitit_local_sweep(tmp_path):
 def test_multirun_end_callback_writes_comparison_and_wandb_run(tmp_path):
     from omegaconf import OmegaConf
 
-    from robustbench_lab.callbacks import AggregateOnMultirunEnd
+    from robustbench_lab.app.callbacks import AggregateOnMultirunEnd
     for s in range(2):
         _fake_run(tmp_path / f"{s}_pgd", seed=s)
     cfg = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}},

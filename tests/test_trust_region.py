@@ -9,9 +9,9 @@ import torch
 from attacks.fgsm import FGSM
 from attacks.pgd import PGD
 from attacks.trust_region import TrustRegion
-from robustbench_lab.app import build_attack
-from robustbench_lab.model import Classifier
-from robustbench_lab.zoo import LinearClassifier
+from robustbench_lab.app.builders import build_attack
+from robustbench_lab.core.model import Classifier
+from robustbench_lab.core.zoo import LinearClassifier
 
 from conftest import compose
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from robustbench_lab import zoo
-from robustbench_lab.model import Classifier, eval_frozen
+from robustbench_lab.core import zoo
+from robustbench_lab.core.model import Classifier, eval_frozen
 
 SHAPES = [(1, (28, 28), 10), (3, (32, 32), 100)]
 CARDS = [c for c in zoo.available() if c not in ("resnet110",)]   # ResNet-110 is just deeper; keep tests fast

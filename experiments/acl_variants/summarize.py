@@ -16,6 +16,8 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
+from robustbench_lab.app.report import table_cli
+
 ORDER = ["none", "simclr", "a2a", "a2s", "ds"]
 LABELS = {"none": "no pre-training (TRADES from scratch)", "simclr": "SimCLR (standard to standard)",
           "a2a": "ACL A2A", "a2s": "ACL A2S", "ds": "ACL DS (dual stream)"}
@@ -138,7 +140,7 @@ def summarize(dirs: Sequence[str | Path], out: str | Path | None = None) -> dict
 
 
 try:   # the Hydra callback (Hydra is installed wherever run.py runs)
-    from robustbench_lab.callbacks import StudyTableOnMultirunEnd
+    from robustbench_lab.app.callbacks import StudyTableOnMultirunEnd
 
     class WriteTableOnMultirunEnd(StudyTableOnMultirunEnd):
         """Writes acl_variants.csv/.md/.png into the sweep directory after the last job."""
@@ -153,7 +155,6 @@ except ImportError:  # pragma: no cover
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from robustbench_lab.report import table_cli
     return table_cli(summarize, argv, __doc__.split("\n")[0])
 
 

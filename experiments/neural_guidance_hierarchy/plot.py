@@ -223,7 +223,7 @@ def write(dirs: Sequence[str | Path], out: str | Path | None = None, eps: float 
 
 
 try:   # the Hydra callback (Hydra is installed wherever run.py runs)
-    from robustbench_lab.callbacks import StudyTableOnMultirunEnd
+    from robustbench_lab.app.callbacks import StudyTableOnMultirunEnd
 
     class WriteHierarchyOnMultirunEnd(StudyTableOnMultirunEnd):
         """Writes hierarchy_table.csv/.md and the ng_*.png plots into the sweep directory after the last job

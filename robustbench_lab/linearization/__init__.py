@@ -5,10 +5,10 @@ operators through batched jvp / vjp), ``spectra`` (explicit SVD, exact low-rank 
 The analysis task lives in ``app`` / ``experiments`` (imported on demand, not here).
 """
 
-from .operators import JacobianOperator, TorchJacobian, dense_jacobian
-from .spectra import (METHODS, Spectrum, count_equal_one, count_near, fraction_equal_one, reduction_rank,
+from robustbench_lab.linearization.operators import JacobianOperator, TorchJacobian, dense_jacobian
+from robustbench_lab.linearization.spectra import (METHODS, Spectrum, count_equal_one, count_near, fraction_equal_one, reduction_rank,
                       singular_values, svd_explicit, svd_lanczos, svd_lowrank, svdvals)
-from .units import (BOUNDARIES, ModuleFunction, UnitRef, find_unit, get_block, has_identity_shortcut,
+from robustbench_lab.linearization.units import (BOUNDARIES, ModuleFunction, UnitRef, find_unit, get_block, has_identity_shortcut,
                     hidden_states, list_units, scaled, stage_function, unit_function, unit_input)
 
 __all__ = [

@@ -34,11 +34,11 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ..attack_base import Attack
-from ..errors import ConfigError
-from ..model import Classifier
-from ..results import ResultWriter
-from .units import get_block, hidden_states, list_units, scaled, stage_function, unit_function, unit_input
+from robustbench_lab.core.attack_base import Attack
+from robustbench_lab.core.errors import ConfigError
+from robustbench_lab.core.model import Classifier
+from robustbench_lab.core.results import ResultWriter
+from robustbench_lab.linearization.units import get_block, hidden_states, list_units, scaled, stage_function, unit_function, unit_input
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def check_units(net: nn.Module, opts: Any, model_name: str) -> list[Any]:
                 raise ConfigError(f"{key}[{i}]", n, names)
     if "sweep" in opts.analyses and opts.sweep_unit not in names:
         raise ConfigError("linearize.sweep.unit", opts.sweep_unit, names)
-    from .units import has_identity_shortcut
+    from robustbench_lab.linearization.units import has_identity_shortcut
     lowrank = [("linearize.method", select_units(net, opts.units))] if opts.method == "lowrank" else []
     if opts.sweep_method == "lowrank" and "sweep" in opts.analyses:
         lowrank.append(("linearize.sweep.method", [u for u in units if u.name == opts.sweep_unit]))
@@ -212,7 +212,7 @@ def _lanczos_end(op: Any, k: int, which: str, maxiter: int | None) -> tuple[np.n
     """One end of the spectrum by Lanczos; empty (with a note) when ARPACK does not converge in ``maxiter``."""
     from scipy.sparse.linalg import ArpackNoConvergence
 
-    from . import spectra
+    from robustbench_lab.linearization import spectra
     try:
         with _one_thread():
             return _desc(spectra.svd_lanczos(op, k, which=which, maxiter=maxiter).values), ""
@@ -235,8 +235,8 @@ def compute_spectrum(op: Any, method: str, k: int, explicit_max: int, *, block: 
     instead (cheaper, and the ends would overlap). Boundary post: when at least k outputs are 0 (inactive
     ReLUs), the bottom-k are exact zeros, known without Lanczos (which would stall on that multiple value).
     """
-    from . import spectra
-    from .units import has_identity_shortcut
+    from robustbench_lab.linearization import spectra
+    from robustbench_lab.linearization.units import has_identity_shortcut
     n_in, n_out = int(op.n_in), int(op.n_out)
     n = min(n_in, n_out)
     n_zero = max(0, _zero_rows(op) - (n_out - n)) if boundary == "post" else 0
@@ -842,7 +842,7 @@ def _plot_propagation(ctx: Context, df: pd.DataFrame, names: list[str]) -> None:
 def top_right_vectors(op: Any, k: int, seed: int = 0, maxiter: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` largest singular values (descending) of a Jacobian operator and their right singular
     vectors (k, n_in), by Lanczos on jvp / vjp products (ArpackNoConvergence past ``maxiter`` restarts)."""
-    from . import spectra
+    from robustbench_lab.linearization import spectra
     with _one_thread():
         sp = spectra.svd_lanczos(op, k, which="LM", seed=seed, vectors=True, maxiter=maxiter)
     return sp.values, np.asarray(sp.extra["vh"], dtype=np.float64)

@@ -41,8 +41,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import ConfigError
-from ..zoo import BasicBlock, Bottleneck, CifarResNet, ShortcutA
+from robustbench_lab.core.errors import ConfigError
+from robustbench_lab.core.zoo import BasicBlock, Bottleneck, CifarResNet, ShortcutA
 
 HIGHEST = jax.lax.Precision.HIGHEST
 BOUNDARIES = ("pre", "post")
@@ -175,7 +175,7 @@ def unit_from_torch(block: nn.Module, where: str = "block") -> tuple[dict[str, A
         kind = "bottleneck"
         pairs, relus = [("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")], ["relu1", "relu2", "post_relu"]
     else:
-        raise TypeError(f"{where}: expected a BasicBlock or Bottleneck of robustbench_lab.zoo, got "
+        raise TypeError(f"{where}: expected a BasicBlock or Bottleneck of robustbench_lab.core.zoo, got "
                         f"{type(block).__name__}")
     for r in relus:
         _check_relu(getattr(block, r), f"{where}.{r}")
@@ -813,7 +813,7 @@ class _JaxVJP(torch.autograd.Function):
 
 class JaxClassifier(nn.Module):
     """A classifier whose computation runs in JAX: ``forward(x)`` maps images (B, C, H, W) in ``bounds`` to
-    logits (B, K) like ``robustbench_lab.model.Classifier`` (normalization inside), and autograd works
+    logits (B, K) like ``robustbench_lab.core.model.Classifier`` (normalization inside), and autograd works
     through it (first and second order), so every attack of ``attacks/`` runs on it unchanged.
 
     Eval-mode semantics always (BatchNorm running statistics; ``train()`` changes nothing); no parameters, so

@@ -14,7 +14,7 @@ from typing import Any, Callable, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from ..errors import ConfigError
+from robustbench_lab.core.errors import ConfigError
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 

@@ -28,9 +28,9 @@ import scipy.linalg
 import torch
 from torch import nn
 
-from ..errors import ConfigError
-from .operators import JacobianOperator, TorchJacobian, as_torch_dtype, dense_jacobian
-from .units import BOUNDARIES, ModuleFunction, check_boundary, has_identity_shortcut, scaled, unit_function
+from robustbench_lab.core.errors import ConfigError
+from robustbench_lab.linearization.operators import JacobianOperator, TorchJacobian, as_torch_dtype, dense_jacobian
+from robustbench_lab.linearization.units import BOUNDARIES, ModuleFunction, check_boundary, has_identity_shortcut, scaled, unit_function
 
 METHODS = ("auto", "explicit", "lowrank", "lanczos")
 WHICH = ("LM", "SM", "both")

@@ -24,8 +24,8 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from ..errors import ConfigError
-from ..zoo import BasicBlock, Bottleneck, CifarResNet
+from robustbench_lab.core.errors import ConfigError
+from robustbench_lab.core.zoo import BasicBlock, Bottleneck, CifarResNet
 
 BOUNDARIES = ("pre", "post")
 
@@ -88,7 +88,7 @@ def check_boundary(boundary: str) -> str:
 def _check_block(block: nn.Module) -> nn.Module:
     if not isinstance(block, (BasicBlock, Bottleneck)):
         raise ConfigError("linearize.unit", type(block).__name__, ["BasicBlock", "Bottleneck"],
-                          "a residual unit of a CIFAR ResNet (robustbench_lab.zoo)")
+                          "a residual unit of a CIFAR ResNet (robustbench_lab.core.zoo)")
     return block
 
 

@@ -1,6 +1,6 @@
 """``task=linearize``: the linearization analysis of a trained ResNet (Rothauge et al., arXiv 1905.13386).
 
-``run_linearize(cfg, run_dir)`` is called by ``robustbench_lab.app.run`` when ``task=linearize``. Data flow:
+``run_linearize(cfg, run_dir)`` is called by ``robustbench_lab.app.execute.run_task`` when ``task=linearize``. Data flow:
 validate the ``linearize`` node (before any data is read) -> model from the same checkpoint cache as an
 evaluation (trained if absent; BatchNorm in eval mode, parameters frozen) -> test images (the first
 ``n_images`` correctly classified points of the ``data.n_eval`` subset) -> the analyses of
@@ -22,15 +22,20 @@ from typing import Any, Callable
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .. import data as data_mod
-from ..attack_base import Attack
-from ..cache import CheckpointCache, load_weights
-from ..defense_base import Defense
-from ..errors import ConfigError
-from ..model import Classifier, eval_frozen, predict
-from ..results import ResultWriter
-from ..tracking import make_tracker
-from ..train import Recipe, get_or_train
+from robustbench_lab.app.builders import build_attack, build_defense, build_model, check_model_config, load_model
+from robustbench_lab.app.tracking import make_tracker
+from robustbench_lab.app.validate import validate
+from robustbench_lab.core import data as data_mod
+from robustbench_lab.core.attack_base import Attack
+from robustbench_lab.core.defense_base import Defense
+from robustbench_lab.core.device import resolve_device
+from robustbench_lab.core.errors import ConfigError
+from robustbench_lab.core.model import eval_frozen, predict
+from robustbench_lab.core.norms import Norm
+from robustbench_lab.core.results import ResultWriter
+from robustbench_lab.core.recipe import Recipe
+from robustbench_lab.linearization import experiments as ex
+from robustbench_lab.linearization.operators import TorchJacobian
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +181,6 @@ def operator_factory(backend: str) -> Callable[..., Any]:
     The JAX backend is imported only when asked for, so a machine without jax runs the torch backend.
     """
     if backend == "torch":
-        from .operators import TorchJacobian
         return TorchJacobian
     try:
         import jax  # noqa: F401
@@ -184,14 +188,12 @@ def operator_factory(backend: str) -> Callable[..., Any]:
         raise ConfigError("linearize.backend", backend, BACKENDS,
                           "jax is not installed here; use linearize.backend=torch or install jax (pip install jax)"
                           ) from e
-    from .jax_backend import JaxJacobian
+    from robustbench_lab.linearization.jax_backend import JaxJacobian
     return JaxJacobian
 
 
 def build_perturbation_attack(cfg: DictConfig) -> tuple[Attack, float | None]:
     """The attack that makes the adversarial perturbations: an L2 Attack node, built like ``attack``."""
-    from ..app import build_attack
-    from ..norms import Norm
     node = cfg.linearize.perturbation.get("attack")
     if node is None or not OmegaConf.is_dict(node):
         raise ConfigError("linearize.perturbation.attack", node, "an attack node with _target_ (as in "
@@ -205,7 +207,6 @@ def build_perturbation_attack(cfg: DictConfig) -> tuple[Attack, float | None]:
 
 def _training_defense(cfg: DictConfig) -> Defense:
     """The defense node decides the checkpoint (its training procedure); a model transform is refused."""
-    from ..app import build_defense
     defense = build_defense(cfg.defense)
     if type(defense).transform is not Defense.transform:
         raise ConfigError("defense", cfg.defense.get("name"), "none or a training-time defense (adv_training, "
@@ -220,7 +221,6 @@ def run_linearize(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     Returns the metrics (also written as ``metrics.json``, last). Raises ``ConfigError`` for a bad value,
     before any data is read.
     """
-    from ..app import build_model, resolve_device, validate
 
     t_start = time.time()
     run_dir = Path(run_dir)
@@ -237,7 +237,6 @@ def run_linearize(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         raise ConfigError("data.n_eval", int(cfg.data.n_eval), f"an integer >= {opts.images_needed}",
                           "the images of the linearization are drawn from the evaluation subset")
     # the architecture must have residual units: checked on a fresh build, before any data is read
-    from . import experiments as ex
     card = data_mod.get_card(cfg.data.name)
     probe = build_model(cfg, card)
     ex.check_units(probe.net, opts, cfg.model.name)
@@ -257,39 +256,15 @@ def run_linearize(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         tracker.finish(exit_code)
 
 
-def _load_model(cfg: DictConfig, device: torch.device, defense: Defense, recipe: Recipe,
-                splits: data_mod.Splits) -> tuple[Classifier, dict[str, Any]]:
-    """The trained model from the checkpoint cache (trained if absent) or ``model.checkpoint``; as in an
-    evaluation run, so both tasks share one cache entry for the same model, data split, recipe and seed."""
-    from ..app import build_model, checkpoint_spec
-    if cfg.model.get("checkpoint"):
-        model = build_model(cfg, splits.card)
-        load_weights(model, Path(cfg.model.checkpoint), what="model.checkpoint")
-        return model.to(device).eval(), {"checkpoint": str(cfg.model.checkpoint), "cache_hit": None}
-    spec = checkpoint_spec(cfg, recipe, defense)
-    torch.manual_seed(spec["seed"])
-    model = build_model(cfg, splits.card)   # fresh init under the training seed
-    cache = CheckpointCache(Path(cfg.paths.cache_dir) / "checkpoints")
-    meta = get_or_train(model, spec, splits, recipe, cache, device, spec["seed"], defense.training_procedure(),
-                        progress=bool(cfg.get("progress", True)))
-    return model.to(device).eval(), {
-        "checkpoint": str(cache.weights_path(meta["key"])), "cache_hit": meta["cache_hit"],
-        "checkpoint_test_accuracy": meta.get("test_accuracy"), "train_seconds": meta.get("train_seconds")}
-
-
 def _run(cfg: DictConfig, run_dir: Path, opts: Options, make_op: Callable[..., Any], device: torch.device,
          defense: Defense, recipe: Recipe, attack: tuple[Attack, float | None] | None, tracker: Any,
          t_start: float) -> dict[str, Any]:
-    from . import experiments as ex
 
     torch.manual_seed(int(cfg.seed))
-    if cfg.model.get("checkpoint"):   # before the data: a file that does not fit the model card fails at once
-        from ..app import build_model
-        load_weights(build_model(cfg, data_mod.get_card(cfg.data.name)), Path(cfg.model.checkpoint),
-                     what="model.checkpoint")
+    check_model_config(cfg)   # before the data: a file that does not fit the model card fails at once
     splits = data_mod.load_splits(cfg.data.name, cfg.data.root, bool(cfg.data.download), int(cfg.data.n_val),
                                   int(cfg.data.n_eval), int(cfg.data.split_seed))
-    model, ckpt_info = _load_model(cfg, device, defense, recipe, splits)
+    model, ckpt_info = load_model(cfg, device, defense, recipe, splits)
     writer = ResultWriter(run_dir)
 
     x_all = data_mod.to_float(splits.x_eval).to(device)

@@ -16,9 +16,9 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .attack_base import MINIMIZATION, Attack, AttackResult
-from .model import predict
-from .norms import l2, linf
+from robustbench_lab.core.attack_base import MINIMIZATION, Attack, AttackResult
+from robustbench_lab.core.model import predict
+from robustbench_lab.core.norms import l2, linf
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,64 @@ class Evaluation:
         return out.reset_index()
 
 
+@dataclasses.dataclass
+class AttackOutcome:
+    """One attack on a set of N points, batch by batch (``attack_points``). Points not attacked keep their
+    clean input in ``x_adv``, ``success`` False, and zero norms."""
+
+    clean_correct: torch.Tensor   # (N,) bool
+    attacked: torch.Tensor        # (N,) bool
+    success: torch.Tensor         # (N,) bool, the template's recomputed success
+    fooled: torch.Tensor          # (N,) bool, misclassified at the returned point (at any size)
+    x_adv: torch.Tensor           # (N, C, H, W)
+    adv_pred: torch.Tensor        # (N,) predictions at x_adv (clean prediction where not attacked)
+    l2: torch.Tensor              # (N,)
+    linf: torch.Tensor            # (N,)
+    n_forward: int
+    n_backward: int
+    n_nan: int
+
+    @property
+    def robust(self) -> torch.Tensor:
+        """Clean-correct and not fooled: the per-example robustness under this attack."""
+        return self.clean_correct & ~self.success
+
+
+def attack_points(model: nn.Module, attack: Attack, x: torch.Tensor, y: torch.Tensor, eps: float | None,
+                  generator: torch.Generator, batch_size: int = 500, mask: torch.Tensor | None = None,
+                  clean_correct: torch.Tensor | None = None) -> AttackOutcome:
+    """Attack the points of ``x`` (N, C, H, W) in [0, 1] selected by ``mask`` (default: the points ``model``
+    classifies correctly) in batches of ``batch_size``, in index order. The one loop behind every robust
+    accuracy the harness reports (the evaluator's cascade, the sanity checks, defenses' own measurements).
+    """
+    n = x.shape[0]
+    if clean_correct is None:
+        clean_correct = predict(model, x, batch_size) == y
+    todo = (clean_correct if mask is None else mask).nonzero().squeeze(1)
+    attacked = torch.zeros(n, dtype=torch.bool, device=x.device)
+    success = torch.zeros_like(attacked)
+    fooled = torch.zeros_like(attacked)
+    x_adv = x.clone()
+    adv_pred = torch.zeros(n, dtype=torch.long, device=x.device)
+    norms = {"l2": torch.zeros(n, device=x.device), "linf": torch.zeros(n, device=x.device)}
+    nf = nb = n_nan = 0
+    for i in range(0, todo.numel(), batch_size):
+        b = todo[i:i + batch_size]
+        res: AttackResult = attack(model, x[b], y[b], eps=eps, generator=generator)
+        nf += res.n_forward
+        nb += res.n_backward
+        n_nan += res.n_nan
+        attacked[b] = True
+        success[b] = res.success
+        fooled[b] = res.fooled
+        x_adv[b] = res.x_adv
+        adv_pred[b] = res.adv_pred
+        norms["l2"][b] = res.l2
+        norms["linf"][b] = res.linf
+    return AttackOutcome(clean_correct, attacked, success, fooled, x_adv, adv_pred, norms["l2"], norms["linf"],
+                         nf, nb, n_nan)
+
+
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Sequence[Attack],
              eps: float | None, generator: torch.Generator, batch_size: int = 500,
              indices: Sequence[int] | None = None) -> Evaluation:
@@ -71,30 +129,17 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Sequen
     counts: dict[str, dict[str, int]] = {}
     n_nan = 0
     for atk in attacks:
-        todo = robust.nonzero().squeeze(1)
-        cols = {k: np.full(n, np.nan) for k in ("l2", "linf", "rel_l2", "rel_linf")}
-        attacked = np.zeros(n, bool)
-        success = np.zeros(n, bool)
-        adv_pred = clean_pred.cpu().numpy().copy()
         t0 = time.perf_counter()
-        nf = nb = 0
-        for i in range(0, todo.numel(), batch_size):
-            b = todo[i:i + batch_size]
-            res: AttackResult = atk(model, x[b], y[b], eps=eps, generator=generator)
-            nf += res.n_forward
-            nb += res.n_backward
-            n_nan += res.n_nan
-            bi = b.cpu().numpy()
-            attacked[bi] = True
-            s = res.success
-            success[bi] = s.cpu().numpy()
-            adv_pred[bi] = res.adv_pred.cpu().numpy()
-            cols["l2"][bi] = res.l2.cpu().numpy()
-            cols["linf"][bi] = res.linf.cpu().numpy()
-            cols["rel_l2"][bi] = (res.l2 / x_norm_l2[b]).cpu().numpy()
-            cols["rel_linf"][bi] = (res.linf / x_norm_linf[b]).cpu().numpy()
-            x_worst[b[s]] = res.x_adv[s]
-            robust[b[s]] = False
+        out = attack_points(model, atk, x, y, eps, generator, batch_size, mask=robust, clean_correct=clean_correct)
+        n_nan += out.n_nan
+        x_worst[out.success] = out.x_adv[out.success]
+        robust &= ~out.success
+        attacked = out.attacked.cpu().numpy()
+        success = out.success.cpu().numpy()
+        adv_pred = torch.where(out.attacked, out.adv_pred, clean_pred).cpu().numpy()
+        cols = {k: np.where(attacked, v.cpu().numpy(), np.nan) for k, v in
+                (("l2", out.l2), ("linf", out.linf), ("rel_l2", out.l2 / x_norm_l2), ("rel_linf", out.linf / x_norm_linf))}
+        nf, nb = out.n_forward, out.n_backward
         seconds[atk.name] = time.perf_counter() - t0
         counts[atk.name] = {"forward": nf, "backward": nb, "attacked": int(attacked.sum())}
         frames.append(pd.DataFrame({

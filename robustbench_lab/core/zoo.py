@@ -14,7 +14,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from .errors import ConfigError
+from robustbench_lab.core.errors import ConfigError
+from robustbench_lab.core.model import Classifier
 
 
 # ----------------------------------------------------------------------------------------------- small nets
@@ -305,3 +306,19 @@ for _d in (20, 32, 44, 56, 110):
 register(ModelCard("resnet56_bottleneck", _resnet(56, "bottleneck"), "CIFAR-style ResNet-56, bottleneck blocks"))
 register(ModelCard("resnet18", lambda in_channels, num_classes, image_size, **kw:
                    ResNet18(in_channels, num_classes, **kw), "ResNet-18 with CIFAR stem"))
+
+
+def build_classifier(name: str, data_card: Any, kwargs: dict[str, Any] | None = None,
+                     key: str = "model.kwargs") -> Classifier:
+    """A freshly initialised ``Classifier`` of zoo model ``name`` for the data of ``data_card`` (channels,
+    classes, image size, and the normalization unless the model card fixes its own). The initialisation
+    draws from torch's global generator: seed it first for a reproducible model."""
+    mcard = get_card(name)
+    kwargs = dict(kwargs or {})
+    try:
+        net = mcard.builder(data_card.channels, data_card.num_classes, data_card.image_size, **kwargs)
+    except TypeError as e:   # an option the architecture does not take
+        raise ConfigError(key, kwargs, f"the options of model {mcard.name!r}", str(e)) from e
+    mean = mcard.mean if mcard.mean is not None else data_card.mean
+    std = mcard.std if mcard.std is not None else data_card.std
+    return Classifier(net, mean, std, data_card.num_classes, mcard.bounds, name=mcard.name)

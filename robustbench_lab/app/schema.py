@@ -7,23 +7,26 @@ wrong type then fails *at composition*, on the command line or in a YAML file, w
 the full key (``full_key: data.n_eval``) and a non-zero exit.
 
 ``attack`` and ``defense`` stay open (``Any``): their fields depend on the ``_target_`` class and are
-validated against its constructor when the object is built (``robustbench_lab.app.build_attack``).
+validated against its constructor when the object is built (``robustbench_lab.app.evaluate.build_attack``).
 
-Value ranges (``n_eval >= 1``, known devices, ...) are not types; ``robustbench_lab.app.validate`` checks
+Value ranges (``n_eval >= 1``, known devices, ...) are not types; ``robustbench_lab.app.evaluate.validate`` checks
 them, and :func:`unknown_keys` catches keys force-added with ``+key=value`` that no schema declares, all
 before any data is read.
 
-This module must stay light (no torch): ``run.py`` imports it before Hydra composes.
+This module stays light (no torch), like ``core.recipe`` that it derives the training recipe from.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
+
+from robustbench_lab.core.recipe import Recipe
 
 
 @dataclass
@@ -45,24 +48,26 @@ class DataSchema:
     split_seed: int = 0
 
 
-@dataclass
-class TrainSchema:
-    """The training recipe; mirrors ``robustbench_lab.train.Recipe`` field for field, defaults included
-    (tests/test_schema.py keeps the two in step)."""
+def _schema_of(cls: type, name: str) -> type:
+    """A structured-config dataclass with the fields, types and defaults of the core dataclass ``cls``
+    (tuples become lists, the sequence type OmegaConf stores), so the schema cannot drift from it."""
+    hints = typing.get_type_hints(cls)
+    fields = []
+    for f in dataclasses.fields(cls):
+        typ = hints[f.name]
+        if typing.get_origin(typ) is tuple:
+            typ = List[typing.get_args(typ)[0]]   # type: ignore[valid-type]
+            fields.append((f.name, typ, field(default_factory=lambda d=f.default: list(d))))
+        else:
+            fields.append((f.name, typ, field(default=f.default)))
+    schema = dataclasses.make_dataclass(name, fields)
+    schema.__module__ = __name__
+    schema.__doc__ = f"The config schema of ``{cls.__module__}.{cls.__name__}`` (derived, not copied)."
+    return schema
 
-    epochs: int = 4
-    batch_size: int = 256
-    optimizer: str = "sgd"
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
-    schedule: str = "onecycle"
-    warmup_frac: float = 0.15
-    milestones: List[float] = field(default_factory=lambda: [0.5, 0.75])
-    augment: bool = True
-    label_smoothing: float = 0.0
-    max_train: int = 0
+
+# The training recipe (``model.train``), derived from ``robustbench_lab.core.recipe.Recipe``.
+TrainSchema = _schema_of(Recipe, "TrainSchema")
 
 
 @dataclass

@@ -9,7 +9,7 @@ from enum import Enum
 
 import torch
 
-from .errors import ConfigError
+from robustbench_lab.core.errors import ConfigError
 
 
 class Norm(str, Enum):

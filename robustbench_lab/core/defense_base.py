@@ -56,7 +56,7 @@ class Defense:
     def transform(self, model: nn.Module, context: dict[str, Any]) -> nn.Module:
         """Return the defended model; must not mutate ``model``.
 
-        ``context``: ``splits`` (robustbench_lab.data.Splits: validation data for tuning), ``device``, ``cfg``,
+        ``context``: ``splits`` (robustbench_lab.core.data.Splits: validation data for tuning), ``device``, ``cfg``,
         ``seed``, ``run_dir`` and ``writer`` (a ResultWriter: files staged with ``writer.path(name)`` appear in
         the run directory when the run completes). A transform that changes the model should keep the
         original reachable as ``defended.undefended``: transfer ("gray-box") attacks craft on it.

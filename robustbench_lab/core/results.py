@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .cache import atomic_write_text
+from robustbench_lab.core.cache import atomic_write_text
 
 METRICS_FILE = "metrics.json"
 

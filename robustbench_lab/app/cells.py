@@ -24,11 +24,15 @@ from typing import Any
 from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
-from .cache import canonical_json, content_key, sha256_file
-from .results import METRICS_FILE
+from robustbench_lab.core.cache import atomic_write_text, canonical_json, content_key, sha256_file
+from robustbench_lab.core.results import METRICS_FILE
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
+
+# Classes that moved to another module keep their former import path in the key, so cells stored before the
+# move are still found (the path names the same class; it changes no number).
+MOVED_TARGETS = {"robustbench_lab.core.defense_base.NoDefense": "robustbench_lab.defense_base.NoDefense"}
 
 # Top-level keys that never change a run's numbers.
 IRRELEVANT = ("paths", "logger", "progress", "hydra", "resume", "num_threads")
@@ -44,6 +48,10 @@ def relevant_config(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     data.pop("root", None)       # where the files are does not change them
     data.pop("download", None)
     out["data"] = data
+    for group in ("attack", "defense"):
+        node = out.get(group)
+        if isinstance(node, dict) and node.get("_target_") in MOVED_TARGETS:
+            out[group] = {**node, "_target_": MOVED_TARGETS[node["_target_"]]}
     if out.get("task", "evaluate") == "evaluate":   # evaluation cells keep the keys they had before task=
         out.pop("task", None)
         out.pop("linearize", None)
@@ -147,7 +155,6 @@ class CellStore:
                 shutil.copy2(src / name, run_dir / name)
         metrics = json.loads((src / METRICS_FILE).read_text())
         metrics["restored_from_cell"] = str(src)
-        from .cache import atomic_write_text
         atomic_write_text(run_dir / METRICS_FILE, json.dumps(metrics, indent=2, sort_keys=True))
         with contextlib.suppress(FileNotFoundError):
             (run_dir / "failed.json").unlink()

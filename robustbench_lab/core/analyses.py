@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attack_base import Attack
-from .model import eval_frozen, predict
+from robustbench_lab.core.attack_base import Attack
+from robustbench_lab.core.model import eval_frozen, predict
 
 
 def correlation_rdm(features: torch.Tensor) -> torch.Tensor:

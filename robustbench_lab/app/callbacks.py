@@ -11,6 +11,9 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from robustbench_lab.app.report import aggregate, collect
+from robustbench_lab.app.tracking import WandbTracker
+
 log = logging.getLogger(__name__)
 
 
@@ -18,8 +21,6 @@ class AggregateOnMultirunEnd(Callback):
     """Writes comparison.csv/.md/.tex and plots into the sweep directory after the last job."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from .report import aggregate, collect
-
         sweep_dir = Path(config.hydra.sweep.dir)
         if not sweep_dir.exists():
             return
@@ -43,7 +44,6 @@ class AggregateOnMultirunEnd(Callback):
             return
         import pandas as pd
 
-        from .tracking import WandbTracker
         t = WandbTracker(project=lg.get("project", "robustbench_lab"), mode=lg.get("mode", "offline"),
                          entity=lg.get("entity"), tags=list(lg.get("tags") or []))
         t.start(config={"sweep_dir": str(sweep_dir)}, run_dir=sweep_dir, name=f"comparison-{sweep_dir.name}",

@@ -12,25 +12,24 @@ from __future__ import annotations
 import dataclasses
 import logging
 import warnings
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 from torch import nn
 
-from .attack_base import FIXED_EPS, Attack
-from .errors import ConfigError
-from .model import eval_frozen, predict
-from .norms import Norm, l2, linf
+from attacks.adaptive import BPDA, Transfer, bpda_modules
+from robustbench_lab.app.builders import attack_from_name
+from robustbench_lab.core.attack_base import FIXED_EPS, Attack
+from robustbench_lab.core.errors import ConfigError
+from robustbench_lab.core.model import eval_frozen, predict
+from robustbench_lab.core.norms import Norm, l2, linf
 
 log = logging.getLogger(__name__)
 
 LEVELS = ("none", "quick", "full")
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 DOCS = "docs/checks"
 
 BUDGETS = {  # points checked, square queries, attack-step multiplier
@@ -54,14 +53,8 @@ class CheckResult:
 
 
 def _attack(name: str, norm: Norm, **over: Any) -> Attack:
-    from .app import build_attack
-    node = OmegaConf.load(CONF_DIR / "attack" / f"{name}.yaml")
-    node.norm = norm.value
-    node.eps = 0.0            # placeholder: the epsilon is passed at call time
-    for k, v in over.items():
-        node[k] = v
-    atk, _ = build_attack(node, key=f"checks.{name}")
-    return atk
+    # eps 0 is a placeholder: the checks pass their epsilon at call time
+    return attack_from_name(name, norm.value, 0.0, key=f"checks.{name}", **over)[0]
 
 
 def _robust(model: nn.Module, atk: Attack, x: torch.Tensor, y: torch.Tensor, eps: float,
@@ -125,7 +118,6 @@ def audit(x: torch.Tensor, x_adv: torch.Tensor, norm: Norm, eps: float | None, n
 
 def attack_kind(atk: Attack) -> str:
     """'black_box' (gradient-free), 'bpda', 'transfer' or 'white_box': what a cascade entry can testify to."""
-    from attacks.adaptive import BPDA, Transfer
     if isinstance(atk, BPDA):
         return "bpda"
     if isinstance(atk, Transfer):
@@ -239,7 +231,6 @@ def run_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Sequ
         results.append(CheckResult("transfer_stronger", fired, value,
                                    f"PGD crafted on the undefended model: {tr_ra:.3f} vs white-box {white:.3f}" + msg))
     # BPDA, when the model has modules with a smooth backward surrogate (e.g. JumpReLU)
-    from attacks.adaptive import BPDA, bpda_modules
     if bpda_modules(model):
         surrogate = bpda_modules(model)[0].BPDA_SURROGATES[0]
         bpda = BPDA(base=_attack("pgd", norm, steps=b["steps"]), surrogate=surrogate)

@@ -14,6 +14,8 @@ from typing import Any
 
 import pandas as pd
 
+from robustbench_lab.core.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -106,5 +108,4 @@ def make_tracker(cfg: Any) -> NullTracker:
     if name == "wandb":
         return WandbTracker(project=cfg.get("project", "robustbench_lab"), mode=cfg.get("mode", "offline"),
                             entity=cfg.get("entity"), group=cfg.get("group"), tags=list(cfg.get("tags") or []))
-    from .errors import ConfigError
     raise ConfigError("logger.name", name, ["wandb", "none"])

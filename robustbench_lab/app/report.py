@@ -1,4 +1,4 @@
-"""Aggregate run directories into one comparison: ``python -m robustbench_lab.report <dirs...> [--out DIR]``.
+"""Aggregate run directories into one comparison: ``python -m robustbench_lab.app.report <dirs...> [--out DIR]``.
 
 Finds every ``metrics.json`` (a finished cell) and ``failed.json`` (a failed one) below the given folders and
 writes ``comparison.csv`` (one row per cell), ``comparison_summary.csv`` / ``.md`` / ``.tex`` (mean over seeds
@@ -19,8 +19,8 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from .cache import atomic_write_text
-from .results import METRICS_FILE
+from robustbench_lab.core.cache import atomic_write_text
+from robustbench_lab.core.results import METRICS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +228,7 @@ def table_cli(write: Callable[..., dict[str, Any]], argv: Sequence[str] | None, 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return table_cli(aggregate, argv, __doc__.split("\n")[0], prog="python -m robustbench_lab.report")
+    return table_cli(aggregate, argv, __doc__.split("\n")[0], prog="python -m robustbench_lab.app.report")
 
 
 if __name__ == "__main__":

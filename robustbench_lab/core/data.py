@@ -20,7 +20,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from .errors import ConfigError, DataNotFoundError
+from robustbench_lab.core.errors import ConfigError, DataNotFoundError
 
 SYSTEM_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -37,6 +37,7 @@ class DataCard:
     hflip: bool = True       # horizontal flip is label-preserving for this data
     crop_pad: int = 2        # random-crop padding used by the default augmentation
     sizes: tuple[int, int] | None = None   # (train, test) points of the standard release
+    class_names: tuple[str, ...] | None = None   # labels for figures (None: the class index)
     # A reader may also have ``count(root, train) -> int | None``: the points the files on disk hold, read
     # from a header without loading the data (None: not found; then ``sizes`` is used).
 
@@ -251,12 +252,14 @@ def _reg(card: DataCard) -> None:
 
 _reg(DataCard("fashion_mnist", 1, (28, 28), 10, (0.2860,), (0.3530,),
               _mnist_like_reader("FashionMNIST", SYSTEM_FASHION_MNIST), hflip=True, crop_pad=2,
-              sizes=(60000, 10000)))
+              sizes=(60000, 10000), class_names=("T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
+                                                 "Shirt", "Sneaker", "Bag", "Boot")))
 _reg(DataCard("mnist", 1, (28, 28), 10, (0.1307,), (0.3081,), _mnist_like_reader("MNIST", None),
               hflip=False, crop_pad=2, sizes=(60000, 10000)))
 _reg(DataCard("cifar10", 3, (32, 32), 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
               _cifar_reader("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"],
-                            "labels", "CIFAR10"), crop_pad=4, sizes=(50000, 10000)))
+                            "labels", "CIFAR10"), crop_pad=4, sizes=(50000, 10000),
+              class_names=("plane", "car", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")))
 _reg(DataCard("cifar100", 3, (32, 32), 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762),
               _cifar_reader("cifar-100-python", ["train"], ["test"], "fine_labels", "CIFAR100"), crop_pad=4,
               sizes=(50000, 10000)))
@@ -361,11 +364,11 @@ def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool = F
 
 
 def _main(argv: list[str] | None = None) -> int:
-    """``python -m robustbench_lab.data download <name> <root>``: fetch a dataset with torchvision."""
+    """``python -m robustbench_lab.core.data download <name> <root>``: fetch a dataset with torchvision."""
     import sys
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 3 or args[0] != "download":
-        print("usage: python -m robustbench_lab.data download <name> <root>", file=sys.stderr)
+        print("usage: python -m robustbench_lab.core.data download <name> <root>", file=sys.stderr)
         return 2
     card = get_card(args[1])
     root = Path(args[2])

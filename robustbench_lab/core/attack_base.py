@@ -26,9 +26,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .errors import ConfigError
-from .model import eval_frozen
-from .norms import Norm, l2, linf, norm_of, project
+from robustbench_lab.core.errors import ConfigError
+from robustbench_lab.core.model import eval_frozen
+from robustbench_lab.core.norms import Norm, l2, linf, norm_of, project
 
 FIXED_EPS = "fixed_eps"
 MINIMIZATION = "minimization"
@@ -104,7 +104,6 @@ class Attack(abc.ABC):
     def __init__(self, *, norm: str | Norm = "linf") -> None:
         self.norm = Norm.parse(norm)
         if self.norm not in self.supported_norms:
-            from .errors import ConfigError
             raise ConfigError("attack.norm", self.norm.value, [n.value for n in self.supported_norms],
                               f"{self.name} does not support this norm")
 
