@@ -21,6 +21,7 @@ from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
 
 from robustbench_lab.app.execute import execute  # noqa: E402  (importing the app registers the config schemas)
+from robustbench_lab.app.tracking import sweep_group  # noqa: E402
 
 log = logging.getLogger("robustbench_lab")
 
@@ -31,7 +32,7 @@ def main(cfg: DictConfig) -> float:
     multirun = hc.mode == RunMode.MULTIRUN
     if multirun and cfg.get("logger") is not None and cfg.logger.get("group") is None:
         with open_dict(cfg):
-            cfg.logger.group = Path(hc.sweep.dir).name   # one W&B group per sweep
+            cfg.logger.group = sweep_group(hc.sweep.dir, hc.runtime.choices.get("experiment"))   # one per sweep
     return execute(cfg, Path(hc.runtime.output_dir), multirun=multirun,
                    overrides=list(hc.overrides.task))
 

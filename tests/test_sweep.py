@@ -176,3 +176,45 @@ def test_multirun_end_callback_writes_comparison_and_wandb_run(tmp_path):
     AggregateOnMultirunEnd().on_multirun_end(cfg)
     assert (tmp_path / "comparison.md").is_file()
     assert list((tmp_path / "wandb").glob("offline-run-*")), "the comparison was not logged as a W&B run"
+
+
+def test_swept_settings_stay_apart_and_intervals_are_over_seeds(tmp_path):
+    """`-m attack.steps=5,10 seed=0,1` is two rows with two seeds each, not one row over four runs; the same
+    for a defense setting; the curves' labels name the swept value."""
+    for steps, base in ((5, 0.6), (10, 0.4)):
+        for seed in (0, 1):
+            _fake_run(tmp_path / "s" / f"{steps}_{seed}", seed=seed, robust_accuracy=base + 0.01 * seed,
+                      settings={"attack.name": "pgd", "attack.steps": steps, "attack.eps": 0.1, "seed": seed,
+                                "defense.name": "none", "model.train.epochs": 4})
+    w = aggregate([tmp_path / "s"], tmp_path / "out")
+    summ = pd.read_csv(w["summary"])
+    assert list(summ["attack.steps"]) == [5, 10] and list(summ["n_seeds"]) == [2, 2]
+    assert summ["robust_accuracy"].round(6).tolist() == [0.605, 0.405]
+    assert "model.train.epochs" not in summ and "seed" not in summ   # constant settings are not columns
+    assert "attack.steps" in w["md"].read_text()
+    for jump, r in (("0.1", 0.3), ("0.3", 0.2), ("auto", 0.25)):
+        _fake_run(tmp_path / "j" / jump, defense="jumprelu", robust_accuracy=r,
+                  settings={"defense.name": "jumprelu", "defense.jump": float(jump) if jump != "auto" else jump})
+    summ = summarize(collect([tmp_path / "j"])[0])
+    assert len(summ) == 3 and sorted(summ["defense.jump"]) == ["0.1", "0.3", "auto"]
+    from robustbench_lab.app.report import curve_label
+    assert curve_label({"attack": "pgd", "defense": "none", "attack.steps": 10}, ["attack.steps"]) == \
+        "pgd / none (attack.steps=10)"
+
+
+def test_runs_record_their_settings(tmp_root):
+    from robustbench_lab.app.cells import config_hash, settings
+    cfg = compose(TINY + ["attack.steps=7"])
+    s = settings(cfg)
+    assert s["attack.steps"] == 7 and s["seed"] == 0 and "paths.output_dir" not in s
+    assert config_hash(cfg.attack) != config_hash(compose(TINY + ["attack.steps=8"]).attack)
+
+
+def test_wandb_groups_and_names_carry_date_study_and_swept_values():
+    from robustbench_lab.app.tracking import run_name, sweep_group
+    assert sweep_group("/o/multirun/2026-11-30/10-00-00") == "2026-11-30_10-00-00"
+    assert sweep_group("/o/multirun/2026-11-30/10-00-00", "acl_variants") == "2026-11-30_10-00-00_acl_variants"
+    assert sweep_group("/o/multirun/2026-12-01/10-00-00") != sweep_group("/o/multirun/2026-11-30/10-00-00")
+    assert run_name("pgd-none-resnet20-s0", ["attack=pgd", "attack.steps=10", "seed=0", "hydra.job.num=1",
+                                            "paths.output_dir=/x"]) == "pgd-none-resnet20-s0 [attack.steps=10]"
+    assert run_name("pgd-none-resnet20-s0", ["attack=pgd"]) == "pgd-none-resnet20-s0"

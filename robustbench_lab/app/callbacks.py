@@ -9,12 +9,17 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from robustbench_lab.app.report import aggregate, collect
-from robustbench_lab.app.tracking import WandbTracker
+from robustbench_lab.app.tracking import WandbTracker, sweep_group
 
 log = logging.getLogger(__name__)
+
+
+def _experiment(config: DictConfig) -> str | None:
+    """The experiment chosen for the sweep (``experiment=<study>``), as Hydra recorded it, or None."""
+    return OmegaConf.select(config, "hydra.runtime.choices.experiment", default=None)
 
 
 class AggregateOnMultirunEnd(Callback):
@@ -47,7 +52,8 @@ class AggregateOnMultirunEnd(Callback):
         t = WandbTracker(project=lg.get("project", "robustbench_lab"), mode=lg.get("mode", "offline"),
                          entity=lg.get("entity"), tags=list(lg.get("tags") or []))
         t.start(config={"sweep_dir": str(sweep_dir)}, run_dir=sweep_dir, name=f"comparison-{sweep_dir.name}",
-                group=lg.get("group") or sweep_dir.name, tags=["comparison"], job_type="comparison")
+                group=lg.get("group") or sweep_group(sweep_dir, _experiment(config)), tags=["comparison"],
+                job_type="comparison")
         try:
             t.log_table("comparison", pd.read_csv(written["csv"]))
             for key, p in written.items():

@@ -58,6 +58,30 @@ def relevant_config(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def settings(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
+    """The run's results-relevant config flattened to dotted keys (``attack.steps``, ``defense.jump``) with
+    scalar values (lists as JSON text): what tells two cells of a sweep apart in its tables."""
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}.{k}" if prefix else str(k))
+        elif isinstance(node, (list, tuple)):
+            flat[prefix] = json.dumps(node, sort_keys=True)
+        else:
+            flat[prefix] = node
+
+    walk(relevant_config(cfg), "")
+    return flat
+
+
+def config_hash(node: Any) -> str:
+    """A short hash of a resolved config node (the attack's, the defense's)."""
+    d = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+    return content_key(d)[:16]
+
+
 def result_files(cell_dir: Path) -> tuple[str, ...]:
     """The files a cell holds: the evaluation's, plus any plain file names its metrics.json lists under
     ``result_files`` (a task=linearize run writes other tables and plots)."""

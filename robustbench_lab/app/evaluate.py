@@ -19,9 +19,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from robustbench_lab.app.builders import (build_attacks, build_defense, build_model, check_model_config,
                                           load_model)
+from robustbench_lab.app.cells import config_hash, settings
 from robustbench_lab.app.checks import report as checks_report
 from robustbench_lab.app.checks import run_checks
-from robustbench_lab.app.tracking import make_tracker
+from robustbench_lab.app.tracking import make_tracker, run_name
 from robustbench_lab.app.validate import validate
 from robustbench_lab.core import data as data_mod
 from robustbench_lab.core.attack_base import MINIMIZATION
@@ -34,8 +35,9 @@ from robustbench_lab.core.recipe import Recipe
 log = logging.getLogger(__name__)
 
 
-def run_evaluation(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
-    """Run one evaluation into ``run_dir``. Returns the metrics (also written as ``metrics.json``, last)."""
+def run_evaluation(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Run one evaluation into ``run_dir``. Returns the metrics (also written as ``metrics.json``, last).
+    ``overrides``: the command-line overrides that made this run (recorded with the results)."""
     t_start = time.time()
     run_dir = Path(run_dir)
     validate(cfg)
@@ -45,20 +47,22 @@ def run_evaluation(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     recipe = Recipe.from_config(cfg.model.get("train"))
     tracker = make_tracker(cfg.get("logger"))
     tracker.start(config=OmegaConf.to_container(cfg, resolve=True), run_dir=run_dir,
-                  name=f"{attack_label}-{cfg.defense.name}-{cfg.model.name}-s{cfg.seed}",
+                  name=run_name(f"{attack_label}-{cfg.defense.name}-{cfg.model.name}-s{cfg.seed}", overrides),
                   group=cfg.logger.get("group") if cfg.get("logger") else None,
                   tags=[f"attack:{a.name}" for a in attacks] + [f"defense:{cfg.defense.name}", f"model:{cfg.model.name}",
                         f"data:{cfg.data.name}"])
     exit_code = 1
     try:
-        metrics = _evaluate(cfg, run_dir, device, attacks, attack_label, eps, defense, recipe, tracker, t_start)
+        metrics = _evaluate(cfg, run_dir, device, attacks, attack_label, eps, defense, recipe, tracker, t_start,
+                            overrides)
         exit_code = 0
         return metrics
     finally:
         tracker.finish(exit_code)
 
 
-def _evaluate(cfg, run_dir, device, attacks, attack_label, eps, defense, recipe, tracker, t_start) -> dict[str, Any]:
+def _evaluate(cfg, run_dir, device, attacks, attack_label, eps, defense, recipe, tracker, t_start,
+              overrides) -> dict[str, Any]:
     attack = attacks[-1]
     torch.manual_seed(int(cfg.seed))
     check_model_config(cfg)
@@ -91,6 +95,8 @@ def _evaluate(cfg, run_dir, device, attacks, attack_label, eps, defense, recipe,
         "defense_config": defense.describe(), **ckpt_info,
         "torch_version": torch.__version__, "python": platform.python_version(),
         "pid": os.getpid(), "started_at": t_start, **chk,
+        "overrides": list(overrides or []), "settings": settings(cfg),
+        "attack_config_hash": config_hash(cfg.attack), "defense_config_hash": config_hash(cfg.defense),
     }
 
     table = ev.table

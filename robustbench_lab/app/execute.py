@@ -20,12 +20,12 @@ from robustbench_lab.core.cache import atomic_write_text
 log = logging.getLogger(__name__)
 
 
-def run_task(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+def run_task(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
     """Run the config's task (``evaluate``, or ``linearize``: the ResNet linearization analysis) into
     ``run_dir``. Returns the metrics."""
     if task_of(cfg) == "linearize":
         return run_linearize(cfg, Path(run_dir))
-    return run_evaluation(cfg, run_dir)
+    return run_evaluation(cfg, run_dir, overrides)
 
 
 def execute(cfg: DictConfig, run_dir: Path, multirun: bool = False, overrides: list[str] | None = None) -> float:
@@ -52,7 +52,7 @@ def execute(cfg: DictConfig, run_dir: Path, multirun: bool = False, overrides: l
             print(f"[cell {key} done before] robust accuracy {m['robust_accuracy']:.4f} | results in {run_dir}")
             return float(m["robust_accuracy"])
     try:
-        metrics = run_task(cfg, run_dir)
+        metrics = run_task(cfg, run_dir, overrides)
     except Exception as e:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "failed.json", json.dumps({

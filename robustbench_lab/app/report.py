@@ -25,6 +25,10 @@ from robustbench_lab.core.results import METRICS_FILE
 log = logging.getLogger(__name__)
 
 GROUP = ["dataset", "model", "defense", "attack", "norm", "eps"]
+# settings already in GROUP under another name, or that never tell cells apart (the seed: intervals are over it)
+NOT_SWEPT = {"data.name", "model.name", "defense.name", "attack.name", "attack.norm", "attack.eps", "seed",
+             "attacks"}
+NOT_SWEPT_SUFFIXES = ("._target_",)   # the class follows from the attack or defense name
 VALUES = ["clean_accuracy", "robust_accuracy", "attack_success_rate", "median_l2", "median_linf",
           "mean_rel_l2", "grad_evals_per_example", "attack_seconds", "seconds"]
 
@@ -41,7 +45,9 @@ def collect(dirs: Iterable[str | Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
                 continue
             seen.add(p.resolve())
             m = json.loads(p.read_text())
-            rows.append({**{k: v for k, v in m.items() if not isinstance(v, (dict, list))}, "run_dir": str(p.parent)})
+            rows.append({**{k: v for k, v in m.items() if not isinstance(v, (dict, list))},
+                         **{f"settings:{k}": v for k, v in (m.get("settings") or {}).items()},
+                         "run_dir": str(p.parent)})
         for p in sorted(d.rglob("failed.json")):
             if (p.parent / METRICS_FILE).exists():
                 continue
@@ -50,7 +56,39 @@ def collect(dirs: Iterable[str | Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
     df = pd.DataFrame(rows)
     if len(df) and "eps" in df:
         df["eps"] = pd.to_numeric(df["eps"], errors="coerce")
+    df = _swept_columns(df)
     return df, pd.DataFrame(failed, columns=["run_dir", "error", "overrides"])
+
+
+def _swept_columns(df: pd.DataFrame) -> pd.DataFrame:
+    """Keep, as plain columns named by their key (``attack.steps``), the recorded settings that vary across
+    the runs (the seed aside); drop the rest. Runs recorded without settings get NaN there."""
+    cols = [c for c in df.columns if c.startswith("settings:")]
+    swept = [c for c in cols if c[len("settings:"):] not in NOT_SWEPT and not c.endswith(NOT_SWEPT_SUFFIXES)
+             and df[c].astype(str).nunique(dropna=False) > 1]
+    df = df.drop(columns=[c for c in cols if c not in swept]).rename(columns={c: c[len("settings:"):] for c in swept})
+    for c in swept:   # numbers sort as numbers; a column mixing kinds ("auto", 0.1) is compared as text
+        c = c[len("settings:"):]
+        num = pd.to_numeric(df[c], errors="coerce")
+        mixed = num.isna() & df[c].notna()
+        df[c] = df[c].astype(str) if mixed.any() or df[c].map(lambda v: isinstance(v, bool)).any() else num
+    return df
+
+
+def swept_keys(df: pd.DataFrame) -> list[str]:
+    """The settings columns ``collect`` kept: the keys a sweep varied besides the seed."""
+    return [c for c in df.columns if "." in c and c not in GROUP and c != "run_dir"]
+
+
+def group_keys(df: pd.DataFrame) -> list[str]:
+    return [k for k in GROUP if k in df] + swept_keys(df)
+
+
+def curve_label(values: dict[str, Any], swept: Sequence[str]) -> str:
+    """``attack / defense`` and the swept values that tell the curve apart (``attack.steps=10``)."""
+    extra = ", ".join(f"{k}={_fmt(values[k])}" for k in swept)
+    base = " / ".join(str(values[k]) for k in ("attack", "defense") if k in values)
+    return f"{base} ({extra})" if extra else base
 
 
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
@@ -58,7 +96,7 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     if df.empty:
         return pd.DataFrame()
     from scipy import stats
-    keys = [k for k in GROUP if k in df]
+    keys = group_keys(df)
     vals = [v for v in VALUES if v in df]
     out = []
     for key, g in df.groupby(keys, dropna=False, sort=True):
@@ -109,18 +147,25 @@ def _plots(df: pd.DataFrame, summ: pd.DataFrame, out: Path) -> list[Path]:
     # robust accuracy vs epsilon per attack x defense, one panel per norm. Fixed-epsilon cells are points
     # (mean over seeds, 95% CI); a minimization attack run without epsilon (TR, CW, DeepFool) is scored at
     # every epsilon, so its run's robust_accuracy_curve.csv is drawn as a line (one per seed).
+    swept = swept_keys(summ)
+    curve = ["attack", "defense", *swept]
+
+    def groups(frame: pd.DataFrame):
+        for key, g in frame.groupby(curve, dropna=False):
+            yield curve_label(dict(zip(curve, key)), swept), g
+
     norms = sorted(summ["norm"].dropna().astype(str).unique()) or ["?"]
     fig, axes = plt.subplots(1, len(norms), figsize=(5.5 * len(norms), 3.8), squeeze=False)
     for ax, norm in zip(axes[0], norms):
         part = summ[summ["norm"].astype(str) == norm]
         fixed = part[part["eps"].notna()]
-        for (atk, dfn), g in fixed.groupby(["attack", "defense"], dropna=False):
+        for name, g in groups(fixed):
             g = g.sort_values("eps")
             ax.errorbar(g["eps"], g["robust_accuracy"], yerr=g["robust_accuracy_ci95"].fillna(0), marker="o",
-                        ms=3, capsize=2, label=f"{atk} / {dfn}")
+                        ms=3, capsize=2, label=name)
         free = df[(df["norm"].astype(str) == norm) & df["eps"].isna()] if "run_dir" in df else df.iloc[:0]
-        for (atk, dfn), g in free.groupby(["attack", "defense"], dropna=False):
-            label = f"{atk} / {dfn} (min. norm)"
+        for name, g in groups(free):
+            label = f"{name} (min. norm)"
             for run_dir in g["run_dir"]:
                 curve_file = Path(run_dir) / "robust_accuracy_curve.csv"
                 if not curve_file.is_file():
@@ -139,8 +184,8 @@ def _plots(df: pd.DataFrame, summ: pd.DataFrame, out: Path) -> list[Path]:
     plt.close(fig)
     # clean vs robust trade-off
     fig, ax = plt.subplots(figsize=(4.8, 3.8))
-    for (dfn, atk), g in summ.groupby(["defense", "attack"], dropna=False):
-        ax.scatter(g["clean_accuracy"], g["robust_accuracy"], label=f"{dfn} / {atk}", s=18)
+    for name, g in groups(summ):
+        ax.scatter(g["clean_accuracy"], g["robust_accuracy"], label=name, s=18)
     ax.set_xlabel("clean accuracy")
     ax.set_ylabel("robust accuracy")
     ax.grid(alpha=0.3)
@@ -164,14 +209,14 @@ def _plots(df: pd.DataFrame, summ: pd.DataFrame, out: Path) -> list[Path]:
     plt.close(fig)
     # per-seed spread
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    labels = [f"{r.attack}/{r.defense}/eps={_fmt(r.eps)}" for r in summ.itertuples()]
+    labels = [curve_label(r, swept) + f", eps={_fmt(r['eps'])}" for r in summ.to_dict("records")]
     ax.errorbar(range(len(summ)), summ["robust_accuracy"], yerr=summ["robust_accuracy_ci95"].fillna(0), fmt="o",
                 capsize=3)
     if "seed" in df:
         # keyed through _fmt so a missing epsilon (NaN) matches itself (pandas' astype(str) keeps NaN)
-        pos = {(r.attack, r.defense, r.norm, _fmt(r.eps)): i for i, r in enumerate(summ.itertuples())}
-        xs = [pos.get((a, d, n, _fmt(e)), np.nan)
-              for a, d, n, e in zip(df["attack"], df["defense"], df["norm"], df["eps"])]
+        keys = ["attack", "defense", "norm", "eps", *swept]
+        pos = {tuple(_fmt(r[k]) for k in keys): i for i, r in enumerate(summ.to_dict("records"))}
+        xs = [pos.get(tuple(_fmt(r[k]) for k in keys), np.nan) for r in df.to_dict("records")]
         ax.scatter(xs, df["robust_accuracy"], s=8, alpha=0.5, color="gray")
     ax.set_xticks(range(len(summ)))
     ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=6)
@@ -189,8 +234,8 @@ def aggregate(dirs: Sequence[str | Path], out: str | Path | None = None) -> dict
     out = Path(out if out is not None else dirs[0])
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
-    cols = [c for c in GROUP + ["seed"] + VALUES + ["run_dir"] if c in df]
-    cells = df[cols].sort_values([c for c in GROUP + ["seed"] if c in df]) if len(df) else df
+    cols = [c for c in group_keys(df) + ["seed"] + VALUES + ["run_dir"] if c in df]
+    cells = df[cols].sort_values([c for c in group_keys(df) + ["seed"] if c in df]) if len(df) else df
     atomic_write_text(out / "comparison.csv", cells.to_csv(index=False))
     written["csv"] = out / "comparison.csv"
     summ = summarize(cells)

@@ -101,6 +101,22 @@ def wandb_safe(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def sweep_group(sweep_dir: str | Path, experiment: str | None = None) -> str:
+    """The W&B group of a sweep: its date and time (the sweep folder ``<date>/<time>``) and, for a named
+    study, the experiment's name, so groups do not recur across days."""
+    p = Path(sweep_dir)
+    name = f"{p.parent.name}_{p.name}" if p.parent.name else p.name
+    return f"{name}_{experiment}" if experiment and experiment not in ("null", "None") else name
+
+
+def run_name(base: str, overrides: list[str] | None) -> str:
+    """A run's W&B name: ``base`` and the swept values of its job (its dotted overrides, e.g.
+    ``attack.steps=10``; paths and Hydra's own settings left out)."""
+    swept = [o for o in overrides or [] if "." in o.split("=", 1)[0]
+             and not o.lstrip("+~").startswith(("hydra.", "paths.", "logger."))]
+    return f"{base} [{' '.join(swept)}]" if swept else base
+
+
 def make_tracker(cfg: Any) -> NullTracker:
     name = cfg.get("name", "none") if cfg is not None else "none"
     if name == "none":
