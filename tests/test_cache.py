@@ -278,3 +278,38 @@ def test_atomic_write_failure_cleans_up(tmp_path):
         atomic_write_bytes(target, b"data")
     assert sorted(os.listdir(tmp_path)) == ["taken"]
     assert os.listdir(target) == ["x"]
+
+
+@pytest.mark.parametrize("layout", ["model", "net", "nested", "dataparallel", "bare_network", "dp_in_state_dict"])
+def test_load_weights_understands_the_common_wrappers(tmp_path, layout):
+    """Checkpoints users bring: nested under model/net/state_dict keys, DataParallel's `module.` prefix, a bare
+    network saved without the harness's wrapper; still weights-only."""
+    m = _wrapped(0)
+    sd = m.state_dict()
+    net_sd = {k[len("net."):]: v for k, v in sd.items() if k.startswith("net.")}
+    content = {"model": {"model": sd}, "net": {"net": sd, "epoch": 3},
+               "nested": {"checkpoint": 1, "state_dict": {"model": sd}},
+               "dataparallel": {f"module.{k}": v for k, v in sd.items()}, "bare_network": net_sd,
+               "dp_in_state_dict": {"state_dict": {f"module.{k}": v for k, v in net_sd.items()}}}[layout]
+    if layout == "nested":
+        content = {"state_dict": {"model": sd}}
+    p = tmp_path / "user.pt"
+    torch.save(content, p)
+    fresh = _wrapped(1)
+    load_weights(fresh, p, what="model.checkpoint")
+    _assert_same_state(m, fresh)
+
+
+def _wrapped(seed: int) -> nn.Module:
+    """The test network inside the harness's wrapper (normalization buffers + ``net``)."""
+    from robustbench_lab.core.model import Classifier
+    return Classifier(_model(seed), (0.5,), (0.25,), 3)
+
+
+def test_load_weights_names_missing_and_unexpected_keys(tmp_path):
+    m = _wrapped(0)
+    sd = {("net.renamed." + k[4:] if k.startswith("net.") else k): v for k, v in m.state_dict().items()}
+    torch.save({"state_dict": sd}, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointMismatchError, match=r"model\.checkpoint .*missing keys \['net\..*unexpected keys "
+                                                      r"\['net\.renamed\."):
+        load_weights(_wrapped(1), tmp_path / "bad.pt", what="model.checkpoint")

@@ -84,27 +84,56 @@ def save_weights(module: nn.Module, path: Path, metadata: dict[str, str] | None 
     return digest
 
 
-def load_weights(module: nn.Module, path: Path, what: str = "checkpoint") -> None:
-    """Load weights into ``module`` strictly. Accepts safetensors, or a torch file loaded weights-only."""
+WRAPPER_KEYS = ("state_dict", "model", "net", "model_state_dict")   # where training scripts nest the weights
+
+
+def read_state_dict(path: Path, what: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """The tensors of a weights file: safetensors, or a torch file loaded weights-only (never arbitrary
+    pickled objects), unwrapped from the usual ``state_dict`` / ``model`` / ``net`` nesting."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path} does not exist")
     if path.suffix == ".safetensors":
         try:
-            sd = load_file(str(path))
+            return load_file(str(path))
         except Exception as e:  # SafetensorError (bad header, truncated file), OSError
             raise CheckpointMismatchError(f"{what} {path} is not a readable safetensors file "
                                           f"(truncated or corrupted?): {e}") from e
-    else:
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # weights_only refuses arbitrary objects
-            raise CheckpointMismatchError(f"{what} {path} could not be loaded safely (weights only): {e}") from e
-        if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-            sd = sd["state_dict"]
-        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-            raise CheckpointMismatchError(f"{what} {path} is not a state dict (a mapping of names to tensors)")
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # weights_only refuses arbitrary objects
+        raise CheckpointMismatchError(f"{what} {path} could not be loaded safely (weights only): {e}") from e
+    while isinstance(sd, dict) and not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        inner = next((sd[k] for k in WRAPPER_KEYS if isinstance(sd.get(k), dict)), None)
+        if inner is None:
+            break
+        sd = inner
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointMismatchError(f"{what} {path} is not a state dict (a mapping of names to tensors, "
+                                      f"possibly under one of the keys {list(WRAPPER_KEYS)})")
+    return sd
+
+
+def _fit_names(sd: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename the tensors of ``sd`` to the module's names where the file differs only by a wrapper:
+    DataParallel's ``module.`` prefix, or a bare network saved without the harness's ``net.`` prefix (the
+    wrapper's normalization buffers then keep their values)."""
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    if set(sd) == set(own):
+        return sd
+    net_keys = {k[len("net."):] for k in own if k.startswith("net.")}
+    if net_keys and set(sd) == net_keys:
+        return {**{k: v for k, v in own.items() if not k.startswith("net.")}, **{f"net.{k}": v for k, v in sd.items()}}
+    return sd
+
+
+def load_weights(module: nn.Module, path: Path, what: str = "checkpoint") -> None:
+    """Load weights into ``module`` strictly (every name and shape must match, after unwrapping the common
+    wrappers); a mismatch names the first missing and unexpected keys and ``what`` (the config key)."""
+    path = Path(path)
     own = module.state_dict()
+    sd = _fit_names(read_state_dict(path, what), own)
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
     bad_shapes = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
