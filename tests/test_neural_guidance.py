@@ -327,26 +327,26 @@ def test_configs_controls_and_checkpoint_keys():
         return content_key(checkpoint_spec(cfg, Recipe.from_config(cfg.model.train), build_defense(cfg.defense)))
 
     std = key([])
-    assert key(["+neural_guidance_arm=baseline"]) == std                     # alpha = 0 is standard training
-    assert key(["+neural_guidance_arm=weight_decay"]) != std
-    guided = {key(["+neural_guidance_arm=" + a]) for a in
+    assert key(["+defense/neural_guidance_arm=baseline"]) == std                     # alpha = 0 is standard training
+    assert key(["+defense/neural_guidance_arm=weight_decay"]) != std
+    guided = {key(["+defense/neural_guidance_arm=" + a]) for a in
               ("random_predictor", "shuffled", "stage3_predictor", "v1_gabor", "stage1", "stage2", "stage3")}
     assert len(guided) == 7 and std not in guided
     assert key(["defense=neural_guidance"]) == key(["defense=neural_guidance", "defense.analysis.n=7"])
     assert key(["defense=neural_guidance"]) != key(["defense=neural_guidance", "defense.alpha=0.5"])
     assert key(["defense=neural_guidance"]) != key(["defense=neural_guidance", "defense.target_scale=unit"])
-    exp = compose(["experiment=neural_guidance_hierarchy", "+neural_guidance_arm=stage2"])
+    exp = compose(["experiment=neural_guidance_hierarchy", "+defense/neural_guidance_arm=stage2"])
     assert exp.defense.target_scale == "unit" and list(exp.defense.analysis.eps) == [0.01, 0.02, 0.05, 0.1]
     assert exp.defense.neural_target.stage == 2 and exp.model.name == "small_cnn"
     for arm in ("shuffled", "stage1", "v1_gabor", "random_predictor"):
-        cfg = compose(["+neural_guidance_arm=" + arm])
+        cfg = compose(["+defense/neural_guidance_arm=" + arm])
         d = build_defense(cfg.defense)
         assert cfg.defense.name.endswith(MODEL_DERIVED) and d.describe()["source_kind"] == "surrogate"
         assert d.describe()["target_label"].endswith(MODEL_DERIVED)
     # the stage source is the main job's network: the same checkpoint key as `python run.py`
     cfg = compose([])
     main_key = content_key(checkpoint_spec(cfg, Recipe.from_config(cfg.model.train), NoDefense()))
-    src = build_defense(compose(["+neural_guidance_arm=stage2"]).defense).source
+    src = build_defense(compose(["+defense/neural_guidance_arm=stage2"]).defense).source
     assert content_key(src.source_spec()) == main_key
     with pytest.raises(ConfigError, match="defense.alpha"):
         build_defense(compose(["defense=neural_guidance", "defense.alpha=1.5"]).defense)
@@ -374,6 +374,11 @@ def test_every_model_card_names_stage_modules_its_network_has(name):
     modules = dict(net.named_modules())
     assert all(s in modules for s in network_stages(name)), (name, network_stages(name))
 
+
+def test_the_old_arm_group_spelling_names_the_new_one():
+    p = subprocess.run([sys.executable, str(ROOT / "run.py"), "+neural_guidance_arm=baseline"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0 and "write +defense/neural_guidance_arm=baseline" in p.stderr, p.stderr
 
 
 # ------------------------------------------------------------------------------------------- analyses
