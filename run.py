@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 
 os.environ.setdefault("ROBUSTBENCH_LAB_ROOT", str(Path(__file__).resolve().parent))
@@ -25,6 +26,17 @@ from robustbench_lab.app.tracking import sweep_group  # noqa: E402
 
 log = logging.getLogger("robustbench_lab")
 
+# config groups that moved (old -> new): the old spelling stops with the new one named, before Hydra runs
+RENAMED_GROUPS = {"neural_guidance_arm": "defense/neural_guidance_arm"}
+
+
+def check_renamed_groups(argv: list[str]) -> None:
+    for arg in argv:
+        group = arg.lstrip("+~").split("=", 1)[0]
+        if group in RENAMED_GROUPS:
+            raise SystemExit(f"error: config group '{group}' is now '{RENAMED_GROUPS[group]}': "
+                             f"write {arg.replace(group, RENAMED_GROUPS[group], 1)}")
+
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float:
@@ -38,4 +50,5 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    check_renamed_groups(sys.argv[1:])
     main()

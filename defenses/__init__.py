@@ -8,8 +8,8 @@
 * ``defenses.acl``: adversarial contrastive learning (Jiang et al. 2020), a training procedure with its own
   schedule (``fit``): self-supervised pre-training with dual BatchNorm (SimCLR, A2A, A2S, DS; the encoder is
   cached on its own key), then a downstream protocol (SLF, ALF, AFF with TRADES).
-* ``defenses.neural_guidance``: neural-guided representation alignment (Shao et al. 2024), a training
-  procedure: a linear neural head regresses targets from ``defenses.neural_targets`` (measured data through a
-  predictor, or model-derived surrogates: a V1-like Gabor bank, stages of a trained network); the evaluated
-  model is the plain classifier.
+* ``defenses.neural_guidance`` (a package): neural-guided representation alignment (Shao et al. 2024), a
+  training procedure: a linear neural head regresses targets (measured data through a predictor, or
+  model-derived surrogates: a V1-like Gabor bank, stages of a trained network); the evaluated model is the
+  plain classifier.
 """

@@ -1,10 +1,12 @@
-"""Neural guidance (defenses/neural_guidance.py, defenses/neural_targets.py, robustbench_lab/analyses.py):
+"""Neural guidance (the package defenses/neural_guidance/, robustbench_lab/core/analyses.py):
 the loss, the head, the target sources (Gabor bank, model stages, measured-data files and their validation),
 the controls, the checkpoint key, and the analyses. Tiny nets and data made here; ~30 s at one thread."""
 
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from defenses.neural_guidance import FeatureTap, NeuralGuidance, NeuralGuidanceProcedure, resolve_layer
-from defenses.neural_targets import (MODEL_DERIVED, FileTarget, FittedTarget, GaborBank, ModelStageTarget,
-                                     PredictorSpec, ResponsePipeline, V1GaborTarget, full_training_set,
-                                     load_neural_file, network_stages, shuffled_pairs)
+from defenses.neural_guidance.defense import NeuralGuidance
+from defenses.neural_guidance.features import FeatureTap, resolve_layer
+from defenses.neural_guidance.gabor import GaborBank, V1GaborTarget
+from defenses.neural_guidance.model_stage import ModelStageTarget, network_stages
+from defenses.neural_guidance.neural_file import FileTarget, full_training_set, load_neural_file
+from defenses.neural_guidance.pipeline import ResponsePipeline
+from defenses.neural_guidance.predictor import PredictorSpec, shuffled_pairs
+from defenses.neural_guidance.procedure import NeuralGuidanceProcedure
+from defenses.neural_guidance.target import MODEL_DERIVED, FittedTarget
 from robustbench_lab.core import data as data_mod
 from robustbench_lab.core.analyses import robustness_profile, rsa
 from robustbench_lab.app.builders import build_defense, checkpoint_spec
@@ -26,9 +33,10 @@ from robustbench_lab.core.errors import ConfigError
 from robustbench_lab.core.model import Classifier
 from robustbench_lab.core.recipe import Recipe
 from robustbench_lab.core.train import train
+from robustbench_lab.core import zoo
 from robustbench_lab.core.zoo import SmallCNN
 
-from conftest import compose, fashion_available
+from conftest import ROOT, compose, fashion_available
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -192,12 +200,13 @@ def _source_file(tmp_path: Path) -> tuple[Path, Classifier]:
 
 def test_model_stage_targets_come_from_a_frozen_network(tmp_path):
     path, src = _source_file(tmp_path)
-    assert network_stages(src) == ["net.features.2", "net.features.5", "net.classifier.2"]
+    assert network_stages("small_cnn") == ["net.features.2", "net.features.5", "net.classifier.2"]
     data = {"name": "fashion_mnist", "n_val": 0, "split_seed": 0}
     with pytest.raises(ConfigError, match=r"defense.neural_target.stage.*allowed: 1, 2, 3"):
-        ModelStageTarget(stage=4, model="small_cnn", kwargs={"width": 4}, checkpoint=str(path), data=data)
-    source = ModelStageTarget(stage=2, model="small_cnn", kwargs={"width": 4}, checkpoint=str(path), data=data,
-                              pool=2, n_fit=120, n_heldout=20, max_components=16)
+        ModelStageTarget(stage=4, source={"name": "small_cnn", "kwargs": {"width": 4}, "checkpoint": str(path)},
+                         data=data)
+    source = ModelStageTarget(stage=2, source={"name": "small_cnn", "kwargs": {"width": 4}, "checkpoint": str(path)},
+                              data=data, pool=2, n_fit=120, n_heldout=20, max_components=16)
     assert source.label.endswith(MODEL_DERIVED) and source.source_kind == "surrogate"
     splits = tiny_splits(200)
     torch.manual_seed(0)
@@ -318,31 +327,58 @@ def test_configs_controls_and_checkpoint_keys():
         return content_key(checkpoint_spec(cfg, Recipe.from_config(cfg.model.train), build_defense(cfg.defense)))
 
     std = key([])
-    assert key(["+neural_guidance_arm=baseline"]) == std                     # alpha = 0 is standard training
-    assert key(["+neural_guidance_arm=weight_decay"]) != std
-    guided = {key(["+neural_guidance_arm=" + a]) for a in
+    assert key(["+defense/neural_guidance_arm=baseline"]) == std                     # alpha = 0 is standard training
+    assert key(["+defense/neural_guidance_arm=weight_decay"]) != std
+    guided = {key(["+defense/neural_guidance_arm=" + a]) for a in
               ("random_predictor", "shuffled", "stage3_predictor", "v1_gabor", "stage1", "stage2", "stage3")}
     assert len(guided) == 7 and std not in guided
     assert key(["defense=neural_guidance"]) == key(["defense=neural_guidance", "defense.analysis.n=7"])
     assert key(["defense=neural_guidance"]) != key(["defense=neural_guidance", "defense.alpha=0.5"])
     assert key(["defense=neural_guidance"]) != key(["defense=neural_guidance", "defense.target_scale=unit"])
-    exp = compose(["experiment=neural_guidance_hierarchy", "+neural_guidance_arm=stage2"])
+    exp = compose(["experiment=neural_guidance_hierarchy", "+defense/neural_guidance_arm=stage2"])
     assert exp.defense.target_scale == "unit" and list(exp.defense.analysis.eps) == [0.01, 0.02, 0.05, 0.1]
     assert exp.defense.neural_target.stage == 2 and exp.model.name == "small_cnn"
     for arm in ("shuffled", "stage1", "v1_gabor", "random_predictor"):
-        cfg = compose(["+neural_guidance_arm=" + arm])
+        cfg = compose(["+defense/neural_guidance_arm=" + arm])
         d = build_defense(cfg.defense)
         assert cfg.defense.name.endswith(MODEL_DERIVED) and d.describe()["source_kind"] == "surrogate"
         assert d.describe()["target_label"].endswith(MODEL_DERIVED)
     # the stage source is the main job's network: the same checkpoint key as `python run.py`
     cfg = compose([])
     main_key = content_key(checkpoint_spec(cfg, Recipe.from_config(cfg.model.train), NoDefense()))
-    src = build_defense(compose(["+neural_guidance_arm=stage2"]).defense).source
+    src = build_defense(compose(["+defense/neural_guidance_arm=stage2"]).defense).source
     assert content_key(src.source_spec()) == main_key
     with pytest.raises(ConfigError, match="defense.alpha"):
         build_defense(compose(["defense=neural_guidance", "defense.alpha=1.5"]).defense)
     with pytest.raises(ConfigError, match="defense.predictor.mode"):
         build_defense(compose(["defense=neural_guidance", "defense.predictor.mode=magic"]).defense)
+
+
+def test_the_source_network_and_its_recipe_come_from_a_model_card_in_the_config():
+    """The stage source's model card (name, kwargs, train recipe) is composed by Hydra from conf/model: another
+    source model brings its own recipe, so its key is that of `python run.py model=<name>`."""
+    over = ["defense=neural_guidance", "defense/neural_target=model_stage"]
+    src = build_defense(compose(over + ["model@defense.neural_target.source=small_cnn"]).defense).source
+    cfg = compose(["model=small_cnn"])
+    assert src.recipe == Recipe.from_config(cfg.model.train)
+    assert content_key(src.source_spec()) == content_key(checkpoint_spec(cfg, src.recipe, NoDefense()))
+    with pytest.raises(ConfigError, match=r"defense.neural_target.source.train.lr"):
+        build_defense(compose(over + ["defense.neural_target.source.train.lr=0"]).defense)
+    with pytest.raises(ConfigError, match=r"defense.neural_target.source.name.*a network with stages"):
+        build_defense(compose(over + ["model@defense.neural_target.source=linear"]).defense)
+
+
+@pytest.mark.parametrize("name", [n for n in zoo.available() if zoo.get_card(n).stages])
+def test_every_model_card_names_stage_modules_its_network_has(name):
+    net = zoo.build_classifier(name, data_mod.get_card("cifar10"))
+    modules = dict(net.named_modules())
+    assert all(s in modules for s in network_stages(name)), (name, network_stages(name))
+
+
+def test_the_old_arm_group_spelling_names_the_new_one():
+    p = subprocess.run([sys.executable, str(ROOT / "run.py"), "+neural_guidance_arm=baseline"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0 and "write +defense/neural_guidance_arm=baseline" in p.stderr, p.stderr
 
 
 # ------------------------------------------------------------------------------------------- analyses

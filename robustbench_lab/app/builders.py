@@ -101,7 +101,7 @@ def build_defense(cfg: DictConfig) -> Defense:
     assert isinstance(node, dict)
     node.pop("name", None)
     try:
-        d = instantiate(node)
+        d = instantiate(node, _convert_="all")   # plug-ins get plain dicts and lists, never a DictConfig
     except Exception as e:
         cause = e.__cause__ if e.__cause__ is not None else e
         if isinstance(cause, ConfigError):

@@ -255,6 +255,8 @@ class ModelCard:
 
     ``builder(in_channels, num_classes, image_size, **kwargs)`` returns the bare network. ``mean``/``std``
     of ``None`` mean "the dataset's statistics"; ``input_shape`` of ``None`` means "adapts to the dataset".
+    ``stages``: names (in the bare network's ``named_modules()``) of the modules whose outputs end its
+    successive stages, lowest first; empty for a network without stages.
     """
 
     name: str
@@ -265,6 +267,7 @@ class ModelCard:
     std: tuple[float, ...] | None = None
     bounds: tuple[float, float] = (0.0, 1.0)
     default_recipe: str = "default"
+    stages: tuple[str, ...] = ()
 
 
 _REGISTRY: dict[str, ModelCard] = {}
@@ -287,6 +290,11 @@ def available() -> list[str]:
     return sorted(_REGISTRY)
 
 
+# the pooling layers of the two conv blocks, then the hidden FC layer's activation (SmallCNN, LeNetLike)
+CONV_STAGES = ("features.2", "features.5", "classifier.2")
+RESNET_STAGES = ("stages.0", "stages.1", "stages.2")
+
+
 def _resnet(depth: int, block: str = "basic") -> Callable[..., nn.Module]:
     def build(in_channels: int, num_classes: int, image_size: tuple[int, int], **kw: Any) -> nn.Module:
         return CifarResNet(depth=kw.pop("depth", depth), in_channels=in_channels, num_classes=num_classes,
@@ -295,17 +303,22 @@ def _resnet(depth: int, block: str = "basic") -> Callable[..., nn.Module]:
 
 
 register(ModelCard("small_cnn", lambda in_channels, num_classes, image_size, **kw:
-                   SmallCNN(in_channels, num_classes, **kw), "small fast CNN (2 conv, 2 FC)", default_recipe="fast"))
+                   SmallCNN(in_channels, num_classes, **kw), "small fast CNN (2 conv, 2 FC)", default_recipe="fast",
+                   stages=CONV_STAGES))
 register(ModelCard("lenet", lambda in_channels, num_classes, image_size, **kw:
-                   LeNetLike(in_channels, num_classes, **kw), "LeNet-like network of the JumpReLU paper"))
+                   LeNetLike(in_channels, num_classes, **kw), "LeNet-like network of the JumpReLU paper",
+                   stages=CONV_STAGES))
 register(ModelCard("linear", lambda in_channels, num_classes, image_size, **kw:
                    LinearClassifier(in_channels, num_classes, in_channels * image_size[0] * image_size[1], **kw),
                    "linear classifier (closed-form minimal perturbations)", default_recipe="fast"))
 for _d in (20, 32, 44, 56, 110):
-    register(ModelCard(f"resnet{_d}", _resnet(_d), f"CIFAR-style ResNet-{_d}, basic blocks (He et al. 2016)"))
-register(ModelCard("resnet56_bottleneck", _resnet(56, "bottleneck"), "CIFAR-style ResNet-56, bottleneck blocks"))
+    register(ModelCard(f"resnet{_d}", _resnet(_d), f"CIFAR-style ResNet-{_d}, basic blocks (He et al. 2016)",
+                       stages=RESNET_STAGES))
+register(ModelCard("resnet56_bottleneck", _resnet(56, "bottleneck"), "CIFAR-style ResNet-56, bottleneck blocks",
+                   stages=RESNET_STAGES))
 register(ModelCard("resnet18", lambda in_channels, num_classes, image_size, **kw:
-                   ResNet18(in_channels, num_classes, **kw), "ResNet-18 with CIFAR stem"))
+                   ResNet18(in_channels, num_classes, **kw), "ResNet-18 with CIFAR stem",
+                   stages=RESNET_STAGES + ("stages.3",)))
 
 
 def build_classifier(name: str, data_card: Any, kwargs: dict[str, Any] | None = None,
