@@ -32,8 +32,8 @@ from robustbench_lab.core.errors import ConfigError, check_choice, check_number
 from robustbench_lab.core.model import Classifier
 from robustbench_lab.core.norms import Norm
 from robustbench_lab.core.results import ResultWriter
+from robustbench_lab.core.sources import MODEL_CONTRACT, check_logits
 
-MODEL_CONTRACT = "an nn.Module mapping inputs (B, C, H, W) in [0, 1] to logits (B, num_classes)"
 
 
 @dataclasses.dataclass
@@ -78,16 +78,9 @@ def as_classifier(model: nn.Module, x_probe: torch.Tensor, preprocessing: tuple[
         mean, std = (v * channels if len(v) == 1 else v for v in (mean, std))
         if len(mean) != channels or len(std) != channels or min(std) <= 0:
             raise ConfigError("preprocessing", preprocessing, f"(mean, std) with {channels} values each, std > 0")
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        out = model(((x_probe - torch.tensor(mean, device=x_probe.device).view(1, -1, 1, 1))
-                     / torch.tensor(std, device=x_probe.device).view(1, -1, 1, 1)))
-    model.train(was_training)
-    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != x_probe.shape[0] or out.shape[1] < 2:
-        found = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ConfigError("model", f"output {found} for input {tuple(x_probe.shape)}", MODEL_CONTRACT)
-    return Classifier(model, mean, std, int(out.shape[1]), name=name)
+    clf = Classifier(model, mean, std, 2, name=name)
+    clf.num_classes = check_logits(clf, x_probe, None, key="model", value=type(model).__name__)
+    return clf
 
 
 def _points(data: str | tuple[torch.Tensor, torch.Tensor], n_examples: int | None, data_root: str | None,

@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from robustbench_lab.core import data as data_mod
-from robustbench_lab.core import zoo
+from robustbench_lab.core import sources, zoo
 from robustbench_lab.core.attack_base import MINIMIZATION, Attack
 from robustbench_lab.core.cache import CheckpointCache, load_weights
 from robustbench_lab.core.defense_base import Defense
@@ -113,8 +113,27 @@ def build_defense(cfg: DictConfig) -> Defense:
 
 
 def build_model(cfg: DictConfig, card: data_mod.DataCard) -> Classifier:
-    """A freshly initialised model of ``model.name`` with ``model.kwargs`` for the data of ``card``."""
-    return zoo.build_classifier(cfg.model.name, card, _plain(cfg.model.get("kwargs")))
+    """A freshly initialised model for the data of ``card``: the zoo model ``model.name`` with
+    ``model.kwargs``, or, with ``model._target_``, any factory's network wrapped with ``model.mean`` /
+    ``model.std`` (none: no normalization) and its logits checked against the data's classes."""
+    target = cfg.model.get("_target_")
+    if not target:
+        return zoo.build_classifier(cfg.model.name, card, _plain(cfg.model.get("kwargs")))
+    num_classes = int(cfg.model.get("num_classes") or card.num_classes)
+    net = sources.call_factory(sources.locate(target), dict(_plain(cfg.model.get("kwargs"))),
+                               {"num_classes": num_classes, "in_channels": card.channels})
+    mean, std = cfg.model.get("mean"), cfg.model.get("std")
+    if (mean is None) != (std is None):
+        raise ConfigError("model.std" if std is None else "model.mean", None, "a list of per-channel values "
+                          "(give both model.mean and model.std, or neither for no normalization)")
+    mean = list(mean) if mean is not None else [0.0] * card.channels
+    std = list(std) if std is not None else [1.0] * card.channels
+    if len(mean) != card.channels or len(std) != card.channels or min(std) <= 0:
+        raise ConfigError("model.mean/std", f"{mean} / {std}", f"{card.channels} values each, std > 0")
+    clf = Classifier(net, mean, std, num_classes, name=str(cfg.model.name))
+    sources.check_logits(clf, torch.zeros(2, card.channels, *card.image_size), num_classes, key="model._target_",
+                         value=target)
+    return clf
 
 
 def _plain(node: Any) -> Any:
@@ -129,7 +148,10 @@ def train_seed(cfg: DictConfig) -> int:
 
 def checkpoint_spec(cfg: DictConfig, recipe: Recipe, defense: Defense) -> dict[str, Any]:
     """The run's checkpoint spec (``core.train.checkpoint_spec``) from its config."""
-    return train_checkpoint_spec(cfg.model.name, _plain(cfg.model.get("kwargs")), cfg.data.name, int(cfg.data.n_val),
+    kwargs = dict(_plain(cfg.model.get("kwargs")))
+    if cfg.model.get("_target_"):   # an imported architecture: its import path decides the weights too
+        kwargs = {"_target_": cfg.model._target_, **kwargs}
+    return train_checkpoint_spec(cfg.model.name, kwargs, cfg.data.name, int(cfg.data.n_val),
                                  int(cfg.data.split_seed), recipe, defense.training_procedure(), train_seed(cfg))
 
 

@@ -77,6 +77,15 @@ class ModelSchema:
     checkpoint: Optional[str] = None
     train_seed: Optional[int] = None
     train: TrainSchema = field(default_factory=TrainSchema)
+    # a model from outside the zoo (robustbench_lab.core.sources): any importable factory or class, called
+    # with ``kwargs``; the harness wraps it with ``mean``/``std`` (null: no normalization) and ``num_classes``
+    # (null: the dataset's). ``arch`` and ``threat_model`` feed the named sources' configs.
+    _target_: Optional[str] = None
+    mean: Optional[List[float]] = None
+    std: Optional[List[float]] = None
+    num_classes: Optional[int] = None
+    arch: Optional[str] = None
+    threat_model: Optional[str] = None
 
 
 @dataclass

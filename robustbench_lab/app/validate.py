@@ -9,7 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 from robustbench_lab.app.checks import LEVELS
 from robustbench_lab.app.schema import unknown_keys
 from robustbench_lab.core import data as data_mod
-from robustbench_lab.core import zoo
+from robustbench_lab.core import sources, zoo
 from robustbench_lab.core.errors import ConfigError
 from robustbench_lab.core.recipe import Recipe
 
@@ -26,7 +26,10 @@ def validate(cfg: DictConfig) -> None:
                           "'+key=value' override adds a key, it cannot rename one)")
     data_mod.check_split_args(cfg.data.name, cfg.data.root, cfg.data.get("n_val"), cfg.data.get("n_eval"),
                               cfg.data.get("split_seed"))
-    zoo.get_card(cfg.model.name)
+    if cfg.model.get("_target_"):
+        sources.locate(cfg.model._target_)
+    else:
+        zoo.get_card(cfg.model.name)
     ckpt = cfg.model.get("checkpoint")
     if ckpt and not Path(str(ckpt)).expanduser().is_file():
         raise ConfigError("model.checkpoint", ckpt, "null (train or use the cache) or the path of an existing "
