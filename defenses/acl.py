@@ -690,7 +690,7 @@ def finetune(model: nn.Module, splits: data_mod.Splits, recipe: Any, protocol: s
     """Fine-tune ``model`` (a Classifier) in place with ``protocol`` and the run's ``recipe``; keep the epoch
     selected on validation data. Returns a history (per epoch: train loss, validation clean and robust
     accuracy; ``selected_epoch``)."""
-    from robustbench_lab.core.train import _scheduler   # the run's schedules, shared with standard training
+    from robustbench_lab.core.train import build_scheduler as _scheduler   # the run's schedules
 
     x_tr, y_tr = splits.x_train, splits.y_train
     if recipe.max_train > 0:

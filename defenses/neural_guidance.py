@@ -32,7 +32,7 @@ from torch import nn
 
 from robustbench_lab.core import data as data_mod
 from robustbench_lab.core.analyses import robustness_profile, rsa, smoothness_score
-from robustbench_lab.core.defense_base import Defense
+from robustbench_lab.core.defense_base import Defense, TrainingProcedure
 from robustbench_lab.core.errors import ConfigError, check_known_fields
 from robustbench_lab.core.model import eval_frozen
 
@@ -108,7 +108,7 @@ def layer_features(model: nn.Module, x: torch.Tensor, layer: str, pool: int, bat
 
 
 # ------------------------------------------------------------------------------------ the procedure
-class NeuralGuidanceProcedure:
+class NeuralGuidanceProcedure(TrainingProcedure):
     """The per-batch loss of neural guidance (implements ``robustbench_lab.core.defense_base.TrainingProcedure``
     plus the loop's optional ``prepare``/``parameters`` hooks).
 
