@@ -167,7 +167,7 @@ def run_epochs(step_loss: Callable[..., torch.Tensor], batches: Callable[[int], 
             hist.setdefault(k, []).append(v)
         hist["seconds"].append(time.time() - t0)
         shown = "".join(f", {k} {v:.4f}" for k, v in extra.items() if isinstance(v, float))
-        log.info("%s epoch %d/%d: loss %.4f%s (%.0fs)", desc, epoch + 1, epochs, mean, shown, time.time() - t0)
+        log.info("%s %d/%d: loss %.4f%s (%.0fs)", desc, epoch + 1, epochs, mean, shown, time.time() - t0)
     return hist
 
 
