@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from robustbench_lab.core.attack_base import FIXED_EPS, Attack
-from robustbench_lab.core.defense_base import Defense
-from robustbench_lab.core.errors import ConfigError
+from robustbench_lab.core.defense_base import Defense, TrainingProcedure
+from robustbench_lab.core.errors import ConfigError, check_choice, check_number
 from robustbench_lab.core.model import eval_frozen
 from robustbench_lab.core.norms import Norm, normalize_grad, project
 
@@ -36,8 +36,8 @@ def _attack_spec(attack: Attack) -> dict[str, Any]:
     return {"class": f"{cls.__module__}.{cls.__qualname__}", **attack.config()}
 
 
-class AdversarialTrainingProcedure:
-    """The per-batch loss of adversarial training (implements ``robustbench_lab.core.defense_base.TrainingProcedure``).
+class AdversarialTrainingProcedure(TrainingProcedure):
+    """The per-batch loss of adversarial training (a ``TrainingProcedure``: the standard loop's hooks).
 
     ``method='pgd'``: cross-entropy on ``attack``'s adversarial examples at ``eps`` (Madry's min-max; with
     ``attacks.fgsm.FGSM(random_start=True, step_scale=1.25)`` it is Wong et al.'s fast adversarial training).
@@ -118,21 +118,17 @@ class AdversarialTraining(Defense):
 
     def __init__(self, *, attack: Attack, eps: float, method: str = "pgd", beta: float = 6.0,
                  trades_init_std: float = 0.001) -> None:
-        if method not in METHODS:
-            raise ConfigError("defense.method", method, METHODS)
+        check_choice("defense.method", method, METHODS)
         if not isinstance(attack, Attack):
             raise ConfigError("defense.attack", attack, "an attack config node with a _target_ (e.g. attacks.pgd.PGD)")
         if attack.family != FIXED_EPS:
             raise ConfigError("defense.attack", attack.name, "a fixed-epsilon attack (pgd, fgsm)",
                               "training needs points inside the eps ball")
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-            raise ConfigError("defense.eps", eps, "a number > 0 (input space, [0, 1] pixels)")
-        if attack.norm is Norm.LINF and eps > 1:
-            raise ConfigError("defense.eps", eps, "0 < eps <= 1 for the L-inf norm on [0, 1] inputs")
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta >= 0:
-            raise ConfigError("defense.beta", beta, "a number >= 0")
-        if not trades_init_std >= 0:
-            raise ConfigError("defense.trades_init_std", trades_init_std, "a number >= 0")
+        linf = attack.norm is Norm.LINF
+        check_number("defense.eps", eps, low=0, low_open=True, high=1 if linf else None,
+                     hint="input space, [0, 1] pixels")
+        check_number("defense.beta", beta, low=0)
+        check_number("defense.trades_init_std", trades_init_std, low=0)
         self.procedure = AdversarialTrainingProcedure(method, attack, float(eps), float(beta), float(trades_init_std))
 
     def training_procedure(self) -> AdversarialTrainingProcedure:

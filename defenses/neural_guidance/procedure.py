@@ -18,6 +18,7 @@ from torch import nn
 
 from robustbench_lab.core import data as data_mod
 from robustbench_lab.core.model import eval_frozen
+from robustbench_lab.core.defense_base import TrainingProcedure
 
 from .features import PENULTIMATE, FeatureTap
 from .predictor import PredictorSpec
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 TARGET_SCALES = ("none", "unit")
 
 
-class NeuralGuidanceProcedure:
+class NeuralGuidanceProcedure(TrainingProcedure):
     """The per-batch loss of neural guidance (implements ``robustbench_lab.core.defense_base.TrainingProcedure``
     plus the loop's optional ``prepare``/``parameters`` hooks).
 

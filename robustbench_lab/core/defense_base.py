@@ -2,8 +2,12 @@
 
 A defense can act at two points of a run, and implements either or both:
 
-* a **training procedure** (adversarial training, ACL, neural guidance): it replaces the per-batch training
-  loss; its ``spec()`` enters the checkpoint key, so differently trained models never share a cache entry;
+* a **training procedure** (adversarial training, ACL, neural guidance): a ``TrainingProcedure`` subclass
+  that replaces the per-batch training loss and, through its declared hooks (``prepare``, ``parameters``,
+  ``fit``), what the training loop does around it; its ``spec()`` enters the checkpoint key, so differently
+  trained models never share a cache entry. ``TrainingProcedure`` and ``StandardTraining`` are defined in
+  ``robustbench_lab.core.train`` beside the loop that runs them (its default ``fit`` is that loop) and are
+  re-exported here;
 * a **model transform** (JumpReLU retrofitting): it maps a trained classifier to a defended one, without
   mutating the original.
 
@@ -12,36 +16,13 @@ A defense can act at two points of a run, and implements either or both:
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 
+from robustbench_lab.core.train import StandardTraining, TrainingProcedure
 
-@runtime_checkable
-class TrainingProcedure(Protocol):
-    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-             generator: torch.Generator) -> torch.Tensor:
-        """Training loss for a batch ``x`` (B, C, H, W) in [0, 1] with labels ``y`` (B,)."""
-        ...
-
-    def spec(self) -> dict[str, Any]:
-        """Everything about this procedure that changes the trained weights (enters the checkpoint key)."""
-        ...
-
-
-class StandardTraining:
-    """Plain cross-entropy training."""
-
-    def __init__(self, label_smoothing: float = 0.0) -> None:
-        self.label_smoothing = float(label_smoothing)
-
-    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return F.cross_entropy(model(x), y, label_smoothing=self.label_smoothing)
-
-    def spec(self) -> dict[str, Any]:
-        return {"procedure": "standard", "label_smoothing": self.label_smoothing}
+__all__ = ["Defense", "NoDefense", "StandardTraining", "TrainingProcedure"]
 
 
 class Defense:
