@@ -7,10 +7,11 @@ import sys
 import time
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from robustbench_lab.core import data as data_mod, zoo
-from robustbench_lab.app.builders import build_attack, build_defense
+from robustbench_lab.app.builders import build_attack, build_defense, build_model
 from robustbench_lab.core.device import resolve_device
 from robustbench_lab.app.validate import validate
 from robustbench_lab.core.attack_base import Attack
@@ -45,8 +46,29 @@ def test_every_defense_option_builds(opt):
     assert isinstance(d, Defense)
 
 
+IMPORTED = {"custom": ["model._target_=byom.user_models.TinyNet"], "torchvision": [], "timm": [],
+            "robustbench": ["data=cifar10"]}
+OPTIONAL = {"timm": "timm"}   # packages a named source needs
+
+
 @pytest.mark.parametrize("opt", options("model"))
 def test_every_model_option_is_registered_and_builds(opt):
+    if opt in IMPORTED:   # a model from outside the zoo: built through the config, as a run builds it
+        cfg = compose([f"model={opt}", *IMPORTED[opt]])
+        if opt == "robustbench":
+            return   # composes; its weights need a network (tests/test_byom.py checks the source offline)
+        validate(cfg)
+        try:
+            __import__(OPTIONAL.get(opt, "torch"))
+        except ImportError:   # not installed here: the build names the package instead
+            with pytest.raises(ConfigError, match="pip install"):
+                build_model(cfg, data_mod.get_card("cifar10"))
+            return
+        if opt == "robustbench":
+            return   # its weights need a network (tests/test_byom.py checks the offline error)
+        m = build_model(cfg, data_mod.get_card("fashion_mnist"))
+        assert m(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+        return
     cfg = compose([f"model={opt}"])
     validate(cfg)
     card = zoo.get_card(cfg.model.name)
