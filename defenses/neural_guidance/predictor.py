@@ -2,6 +2,7 @@
 
 The authors (``neural_predictor_training``) train it with Adam 1e-3, weight decay 5e-4 and the summed
 squared error per image, then freeze it, so that every training image (augmented or not) gets a target.
+Here it trains through the harness's one loop (``core.train.run_epochs``) on the recipe ``predictor_recipe``.
 Modes (``defense.predictor.mode``): ``trained`` (that), ``direct`` (surrogates only: the surrogate itself
 gives every image its exact target), and two of the authors' controls: ``random`` (an untrained predictor,
 fixed seed, as their ``roi=random``) and ``shuffled`` (trained on image -> response pairs permuted across
@@ -11,6 +12,7 @@ images, as their ``--shuffle``).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping
 
 import torch
@@ -19,6 +21,8 @@ from robustbench_lab.core import data as data_mod
 from robustbench_lab.core import zoo
 from robustbench_lab.core.errors import check_choice, check_known_fields, check_number
 from robustbench_lab.core.model import Classifier
+from robustbench_lab.core.recipe import Recipe
+from robustbench_lab.core.train import build_optimizer, build_scheduler, run_epochs
 
 PREDICTOR_MODES = ("trained", "direct", "random", "shuffled")
 
@@ -91,26 +95,37 @@ def pattern_correlation(pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num((a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)))
 
 
+def predictor_recipe(spec: PredictorSpec) -> Recipe:
+    """The predictor's training as a core recipe: Adam at a constant learning rate, no augmentation (the
+    targets belong to the unaugmented fit images)."""
+    return Recipe(epochs=spec.epochs, batch_size=spec.batch_size, optimizer="adam", lr=spec.lr,
+                  weight_decay=spec.weight_decay, schedule="constant", augment=False)
+
+
 def train_predictor(spec: PredictorSpec, card: data_mod.DataCard, images: torch.Tensor, targets: torch.Tensor,
                     device: torch.device) -> tuple[Classifier, dict[str, Any]]:
-    """Train a predictor on ``images`` (n, C, H, W) uint8 or [0, 1] float -> ``targets`` (n, k). Frozen on return."""
+    """Train a predictor on ``images`` (n, C, H, W) uint8 or [0, 1] float -> ``targets`` (n, k). Frozen on return.
+
+    Randomness: the initialisation (``build_predictor``) and the batch order (a CPU generator) both seeded with
+    ``spec.seed``; the caller's RNG is untouched.
+    """
     model = build_predictor(spec, card, targets.shape[1]).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+    recipe = predictor_recipe(spec)
+    opt = build_optimizer(model.parameters(), recipe)
+    steps_per_epoch = math.ceil(images.shape[0] / spec.batch_size)
     g = torch.Generator().manual_seed(int(spec.seed))
-    losses = []
-    model.train()
-    for _ in range(spec.epochs):
-        total, n = 0.0, 0
+
+    def batches(_epoch: int):
         for xb, tb in data_mod.batches(images, targets, spec.batch_size, shuffle=True, generator=g):
-            xb, tb = data_mod.to_float(xb).to(device), tb.to(device)
-            loss = (model(xb) - tb).pow(2).sum(1).mean()     # the authors' VoxelLoss: summed over units
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += float(loss.detach()) * xb.shape[0]
-            n += xb.shape[0]
-        losses.append(total / max(n, 1))
+            yield data_mod.to_float(xb).to(device), tb.to(device)
+
+    def voxel_loss(xb: torch.Tensor, tb: torch.Tensor) -> torch.Tensor:
+        return (model(xb) - tb).pow(2).sum(1).mean()     # the authors' VoxelLoss: summed over units
+
+    hist = run_epochs(voxel_loss, batches, opt, spec.epochs, steps_per_epoch=steps_per_epoch,
+                      scheduler=build_scheduler(opt, recipe, steps_per_epoch * spec.epochs),
+                      on_epoch_start=lambda _: model.train(), desc="predictor")
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    return model, {"predictor_train_loss": losses}
+    return model, {"predictor_train_loss": hist["train_loss"]}
