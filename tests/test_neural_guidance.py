@@ -21,7 +21,7 @@ from defenses.neural_guidance.gabor import GaborBank, V1GaborTarget
 from defenses.neural_guidance.model_stage import ModelStageTarget, network_stages
 from defenses.neural_guidance.neural_file import FileTarget, full_training_set, load_neural_file
 from defenses.neural_guidance.pipeline import ResponsePipeline
-from defenses.neural_guidance.predictor import PredictorSpec, shuffled_pairs
+from defenses.neural_guidance.predictor import PredictorSpec, predictor_recipe, shuffled_pairs, train_predictor
 from defenses.neural_guidance.procedure import NeuralGuidanceProcedure
 from defenses.neural_guidance.target import MODEL_DERIVED, FittedTarget
 from robustbench_lab.core import data as data_mod
@@ -318,6 +318,23 @@ def test_shuffled_control_permutes_the_targets_and_loses_the_image_information(t
     assert shuf.info["shuffled_fixed_points"] <= 5
     assert true.info["target_heldout_r"] > shuf.info["target_heldout_r"] + 0.4, (true.info, shuf.info)
     assert true.info["target_heldout_r"] > rand.info["target_heldout_r"] + 0.4, (true.info, rand.info)
+
+
+def test_predictor_trains_on_the_core_loop_with_its_own_seed_only():
+    """The predictor's recipe is Adam at a constant rate without augmentation; training is reproducible from
+    spec.seed alone, leaves the global RNG untouched and returns a frozen model with one loss per epoch."""
+    spec = PredictorSpec(mode="trained", model="linear", epochs=3, batch_size=16, lr=0.01, weight_decay=0.0, seed=2)
+    r = predictor_recipe(spec)
+    assert (r.optimizer, r.schedule, r.augment, r.epochs, r.batch_size, r.lr) == ("adam", "constant", False, 3, 16, 0.01)
+    images = tiny_splits(60).x_train
+    targets = torch.randn(images.shape[0], 5, generator=torch.Generator().manual_seed(0))
+    state = torch.random.get_rng_state()
+    m1, info1 = train_predictor(spec, CARD, images, targets, CPU)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    m2, info2 = train_predictor(spec, CARD, images, targets, CPU)
+    assert all(torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m2.state_dict().values()))
+    assert info1 == info2 and len(info1["predictor_train_loss"]) == 3
+    assert not m1.training and not any(q.requires_grad for q in m1.parameters())
 
 
 # -------------------------------------------------------------------------------- configs and the key
