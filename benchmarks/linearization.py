@@ -33,39 +33,36 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("ROBUSTBENCH_LAB_ROOT", str(ROOT))
 
-from robustbench_lab.linearization import (TorchJacobian, count_equal_one, find_unit, get_block,  # noqa: E402
-                                           has_identity_shortcut, svd_explicit, svd_lanczos, svd_lowrank,
-                                           unit_function, unit_input)
+from hydra import compose, initialize_config_dir  # noqa: E402
+
+from robustbench_lab.app.builders import CONF_DIR, build_defense, load_model as load_run_model  # noqa: E402
+from robustbench_lab.core import data as data_mod  # noqa: E402
 from robustbench_lab.core.model import Classifier  # noqa: E402
+from robustbench_lab.core.recipe import Recipe  # noqa: E402
+from robustbench_lab.core.zoo import CifarResNet  # noqa: E402
+from robustbench_lab.linearization.operators import DTYPES, TorchJacobian  # noqa: E402
+from robustbench_lab.linearization.options import LinearizeOptions  # noqa: E402
+from robustbench_lab.linearization.spectra import (count_equal_one, svd_explicit, svd_lanczos,  # noqa: E402
+                                                   svd_lowrank)
+from robustbench_lab.linearization.units import (find_unit, get_block, has_identity_shortcut,  # noqa: E402
+                                                 unit_function, unit_input)
+
+METHODS = ("explicit", "lowrank", "lanczos")   # the three ways; "auto" (choosing among them) is not timed
 
 
 def load_model(name: str, device: torch.device) -> tuple[Classifier, torch.Tensor, str]:
-    """The cached trained model ``name`` on the default data (as benchmarks/attacks.py) and test images."""
-    from hydra import compose, initialize_config_dir
-
-    from robustbench_lab.core import data as data_mod
-    from robustbench_lab.app.builders import build_defense, build_model, checkpoint_spec, train_seed
-    from robustbench_lab.core.cache import CheckpointCache
-    from robustbench_lab.core.recipe import Recipe
-    from robustbench_lab.core.train import get_or_train
-
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    """The cached trained model ``name`` on the default data, loaded like a run's (trained if not cached),
+    and the first 16 test images."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[f"model={name}"])
     splits = data_mod.load_splits(cfg.data.name, cfg.data.root, False, int(cfg.data.n_val), 10000, 0)
-    recipe = Recipe.from_config(cfg.model.train)
-    spec = checkpoint_spec(cfg, recipe, build_defense(cfg.defense))
-    torch.manual_seed(spec["seed"])
-    model = build_model(cfg, splits.card)
-    get_or_train(model, spec, splits, recipe, CheckpointCache(Path(cfg.paths.cache_dir) / "checkpoints"),
-                 device, train_seed(cfg))
+    model, _ = load_run_model(cfg, device, build_defense(cfg.defense), Recipe.from_config(cfg.model.train), splits)
     x = data_mod.to_float(splits.x_test[:16]).to(device)
-    return model.to(device).eval(), x, f"{name} on {cfg.data.name} (cached checkpoint)"
+    return model, x, f"{name} on {cfg.data.name} (cached checkpoint)"
 
 
 def tiny_model(device: torch.device) -> tuple[Classifier, torch.Tensor, str]:
     """A random small ResNet-8 (width 8) on 1x12x12 inputs with non-trivial BatchNorm statistics."""
-    from robustbench_lab.core.zoo import CifarResNet
-
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     net = CifarResNet(depth=8, in_channels=1, num_classes=10, width=8).train()
@@ -87,9 +84,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--image", type=int, default=0, help="index among the first 16 test images")
     ap.add_argument("--k", type=int, default=20)
     ap.add_argument("--bottom", action="store_true", help="also the bottom k by Lanczos (slow to converge)")
-    ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    ap.add_argument("--methods", default="explicit,lowrank,lanczos")
+    ap.add_argument("--batch-size", type=int, default=LinearizeOptions().batch_size)
+    ap.add_argument("--dtype", default=LinearizeOptions().dtype, choices=list(DTYPES))
+    ap.add_argument("--methods", default=",".join(METHODS), help=f"a comma-separated subset of {METHODS}")
     ap.add_argument("--direct-ratio", type=float, default=0.8,
                     help="lowrank: form J directly when 2r > ratio * n (1.0 forces the QR reduction; slow for "
                          "basic blocks, where 2r ~ n)")
@@ -109,8 +106,11 @@ def main(argv: list[str] | None = None) -> dict:
     ref = find_unit(model, a.unit, key="--unit")
     block = get_block(model, ref)
     x0 = unit_input(model, x[a.image:a.image + 1], ref)[0].detach()
-    dtype = torch.float64 if a.dtype == "float64" else torch.float32
+    dtype = DTYPES[a.dtype]
     methods = [m for m in a.methods.split(",") if m]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        ap.error(f"--methods: unknown {unknown}; choose from {METHODS}")
     n = x0.numel()
     print(f"{what}: unit {ref.name} ({type(block).__name__}), input {tuple(x0.shape)} = {n} dims, "
           f"{torch.get_num_threads()} threads", flush=True)

@@ -1,6 +1,6 @@
-"""The JAX backend (robustbench_lab/linearization/jax_backend.py) against the PyTorch zoo, on tiny random
-CIFAR ResNets made here (width 4; BatchNorm with non-trivial affine parameters and running statistics from a
-few train-mode passes, then eval mode):
+"""The JAX backend (robustbench_lab/linearization/jax_backend.py, gathering its jax_* modules) against the
+PyTorch zoo, on tiny random CIFAR ResNets made here (width 4; BatchNorm with non-trivial affine parameters and
+running statistics from a few train-mode passes, then eval mode):
 
 - logits and every hidden state equal torch's within 1e-4 (float32), for basic and bottleneck networks,
   square, non-square and odd image sizes; the state-dict path gives the same pytree;
@@ -29,6 +29,10 @@ jax = pytest.importorskip("jax")
 from robustbench_lab.linearization import jax_backend as jb  # noqa: E402
 from robustbench_lab.core.model import Classifier, eval_frozen  # noqa: E402
 from robustbench_lab.core.zoo import CifarResNet  # noqa: E402
+from robustbench_lab.linearization.operators import TorchJacobian  # noqa: E402
+from robustbench_lab.linearization.spectra import svd_explicit  # noqa: E402
+from robustbench_lab.linearization.units import (ModuleFunction, UnitRef, scaled, stage_function,  # noqa: E402
+                                                 unit_function, unit_input)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -223,7 +227,6 @@ def test_jvp_vjp_adjoint_chunked_and_dense(basic):
 
 
 def test_torch_unit_function_is_translated_and_checked(basic):
-    from robustbench_lab.linearization.units import ModuleFunction, unit_function
     params = jb.params_from_torch(basic)
     block = _block(basic, "s1u2")
     x0 = _unit_in(basic, _images(1, 3, (12, 12), 6), "s1u2")[0].detach()
@@ -239,9 +242,6 @@ def test_torch_unit_function_is_translated_and_checked(basic):
 def test_app_path_spectra_and_stage_function(basic):
     """What ``linearize.backend=jax`` runs: torch ``unit_function`` / ``stage_function`` handed to JaxJacobian,
     spectra by ``spectra.svd_explicit``, against the torch operator."""
-    from robustbench_lab.linearization.operators import TorchJacobian
-    from robustbench_lab.linearization.spectra import svd_explicit
-    from robustbench_lab.linearization.units import UnitRef, scaled, stage_function, unit_function, unit_input
     x = _images(1, 3, (12, 12), 11)
     x0 = unit_input(basic, x, UnitRef.of(2, 0))[0].detach()
     fn = stage_function(basic, 2, "post")

@@ -16,10 +16,22 @@ import pandas as pd
 import pytest
 import torch
 
-from robustbench_lab.app.builders import build_model
+from omegaconf import OmegaConf
 
+from robustbench_lab.app import schema
+from robustbench_lab.app.builders import build_model
+from robustbench_lab.app.cells import relevant_config
 from robustbench_lab.app.execute import execute
+from robustbench_lab.app.linearize import operator_factory, parse_options
+from robustbench_lab.core.cache import load_weights
+from robustbench_lab.core.data import get_card
 from robustbench_lab.core.errors import ConfigError
+from robustbench_lab.core.zoo import BasicBlock
+from robustbench_lab.linearization.analyses.tables import spectrum_stats
+from robustbench_lab.linearization.operators import TorchJacobian
+from robustbench_lab.linearization.options import LinearizeOptions, as_plain
+from robustbench_lab.linearization.spectra import singular_values
+from robustbench_lab.linearization.units import unit_function
 
 from conftest import ROOT, compose, fashion_available
 
@@ -57,8 +69,6 @@ def lin(tmp_path_factory):
 
 def _trained_model(lin) -> torch.nn.Module:
     """The run's network, loaded from the cached checkpoint it used (independently of the analysis code)."""
-    from robustbench_lab.core.cache import load_weights
-    from robustbench_lab.core.data import get_card
     model = build_model(lin["cfg"], get_card("fashion_mnist"))
     load_weights(model, Path(lin["metrics"]["checkpoint"]), what="test")
     return model.eval()
@@ -197,9 +207,6 @@ def test_energy_fractions_and_chance(lin):
 
 def _small_unit(boundary: str, channels: int = 2, size: int = 8, seed: int = 0):
     """A random BasicBlock (BatchNorm statistics randomized, eval mode) at a random nonnegative input."""
-    from robustbench_lab.linearization.operators import TorchJacobian
-    from robustbench_lab.linearization.units import unit_function
-    from robustbench_lab.core.zoo import BasicBlock
     torch.manual_seed(seed)
     blk = BasicBlock(channels, channels).eval()
     for bn in (blk.bn1, blk.bn2):
@@ -213,10 +220,10 @@ def _small_unit(boundary: str, channels: int = 2, size: int = 8, seed: int = 0):
 
 @pytest.mark.parametrize("boundary", ["pre", "post"])
 def test_lanczos_ends_and_bounds_agree_with_the_explicit_spectrum(boundary):
-    from robustbench_lab.linearization.experiments import compute_spectrum, spectrum_stats
     blk, x0, op = _small_unit(boundary)
-    full = compute_spectrum(op, "explicit", 4, 10_000, block=blk, x0=x0, boundary=boundary)
-    part = compute_spectrum(op, "lanczos", 4, 10_000, block=blk, x0=x0, boundary=boundary, which="both")
+    full = singular_values(op, x0, method="explicit", k=4, explicit_max=10_000, block=blk, boundary=boundary)
+    part = singular_values(op, x0, method="lanczos", k=4, explicit_max=10_000, block=blk, boundary=boundary,
+                           which="both")
     assert full.complete and not part.complete and full.n == part.n == 128
     np.testing.assert_allclose(part.top, full.top[:4], rtol=1e-6)
     if boundary == "pre":
@@ -234,9 +241,9 @@ def test_lanczos_ends_and_bounds_agree_with_the_explicit_spectrum(boundary):
 
 
 def test_lanczos_that_does_not_converge_leaves_the_end_unknown():
-    from robustbench_lab.linearization.experiments import compute_spectrum, spectrum_stats
     blk, x0, op = _small_unit("pre", channels=4, size=16)
-    sp = compute_spectrum(op, "lanczos", 3, 100, block=blk, x0=x0, boundary="pre", which="SM", maxiter=1)
+    sp = singular_values(op, x0, method="lanczos", k=3, explicit_max=100, block=blk, boundary="pre", which="SM",
+                         maxiter=1)
     assert sp.top.size == 0 and sp.bottom.size == 0 and "not converged" in sp.note
     st = spectrum_stats(sp, 1e-3)
     assert np.isnan(st["min"]) and np.isnan(st["max"]) and st["frac_lo"] == 0.0 and st["frac_hi"] == 1.0
@@ -244,19 +251,15 @@ def test_lanczos_that_does_not_converge_leaves_the_end_unknown():
 
 def test_jax_backend_gives_the_torch_spectrum():
     pytest.importorskip("jax")
-    from robustbench_lab.app.linearize import operator_factory
-    from robustbench_lab.linearization.experiments import compute_spectrum
-    from robustbench_lab.linearization.units import unit_function
     blk, x0, op_t = _small_unit("post")
     op_j = operator_factory("jax")(unit_function(blk, "post"), x0, batch_size=64, dtype=torch.float64)
-    a = compute_spectrum(op_t, "explicit", 4, 10_000, block=blk, x0=x0, boundary="post")
-    b = compute_spectrum(op_j, "explicit", 4, 10_000, block=blk, x0=x0, boundary="post")
+    a = singular_values(op_t, x0, method="explicit", k=4, explicit_max=10_000, block=blk, boundary="post")
+    b = singular_values(op_j, x0, method="explicit", k=4, explicit_max=10_000, block=blk, boundary="post")
     np.testing.assert_allclose(b.top, a.top, rtol=1e-6, atol=1e-9)
     assert a.n_zero == b.n_zero > 0
 
 
 def test_jax_backend_without_jax_is_a_config_error(monkeypatch):
-    from robustbench_lab.app.linearize import operator_factory
     monkeypatch.setitem(sys.modules, "jax", None)   # import jax -> ImportError
     with pytest.raises(ConfigError, match="jax is not installed") as ei:
         operator_factory("jax")
@@ -275,7 +278,6 @@ def test_cell_is_restored_with_its_files(lin, capsys):
 
 def test_evaluation_cell_keys_unchanged_by_the_linearize_node():
     """Adding task/linearize to the config must not change the keys of stored evaluation cells."""
-    from robustbench_lab.app.cells import relevant_config
     rc = relevant_config(compose(["logger=none"]))
     assert "task" not in rc and "linearize" not in rc
     assert "linearize" in relevant_config(compose(["logger=none", "task=linearize"]))
@@ -297,6 +299,31 @@ def test_bad_value_is_a_config_error_before_any_work(tmp_path, override, key):
     assert ei.value.key == key and f"'{key}'" in str(ei.value)
     assert not (tmp_path / "cache").exists()          # nothing trained
     assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_options_are_defined_once():
+    """LinearizeOptions is the one definition of the linearize node: the config file documents the same
+    defaults, the schema is derived from it, and the parsed default node is the dataclass' defaults."""
+    defaults = as_plain(LinearizeOptions())
+    assert OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "linearize" / "default.yaml")) == defaults
+    assert OmegaConf.to_container(OmegaConf.structured(schema.LinearizeSchema)) == defaults
+    assert parse_options(compose(["logger=none"])) == LinearizeOptions()
+    assert LinearizeOptions.from_dict(defaults) == LinearizeOptions()
+    opts = parse_options(compose(["logger=none", "linearize.boundary=both", "linearize.stages.k=3",
+                                  "linearize.sweep.skip_scales=[0,2]", "linearize.perturbation.l2=0.5"]))
+    assert opts.boundaries == ("pre", "post") and opts.stages.k == 3 and opts.sweep.skip_scales == (0.0, 2.0)
+    assert opts.perturbation.l2 == 0.5
+
+
+@pytest.mark.parametrize("node,key", [
+    ({"stages": {"k": 0}}, "linearize.stages.k"), ({"sweep": {"weight_scales": [-1.0]}}, "linearize.sweep.weight_scales"),
+    ({"tol": 0}, "linearize.tol"), ({"lanczos_maxiter": 0}, "linearize.lanczos_maxiter"),
+    ({"units": 0}, "linearize.units"), ({"dtype": "float16"}, "linearize.dtype"),
+    ({"sweep": {"untis": 1}}, "linearize.sweep.untis")])
+def test_bad_option_names_its_full_key(node, key):
+    with pytest.raises(ConfigError) as ei:
+        LinearizeOptions.from_dict(node)
+    assert ei.value.key == key
 
 
 def test_run_py_bad_boundary_exits_nonzero_naming_the_key(tmp_path):

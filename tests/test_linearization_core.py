@@ -1,4 +1,4 @@
-"""Linearization core (robustbench_lab.linearization: units, operators, spectra) on tiny random ResNets.
+"""Linearization core (robustbench_lab.linearization: units, operators, lowrank, spectra) on tiny random ResNets.
 
 The nets are random but not trivial: BatchNorm has running statistics from a few train-mode passes and
 random affine parameters, so ReLUs are partly active and eval-mode BN is a genuine affine map.
@@ -11,10 +11,12 @@ import pytest
 import torch
 
 from robustbench_lab.core.errors import ConfigError
-from robustbench_lab.linearization import (ModuleFunction, TorchJacobian, UnitRef, count_near, dense_jacobian,
-                                           get_block, hidden_states, list_units, reduction_rank, scaled,
-                                           singular_values, stage_function, svd_explicit, svd_lanczos, svd_lowrank,
-                                           unit_function, unit_input)
+from robustbench_lab.linearization.lowrank import reduction_rank
+from robustbench_lab.linearization.operators import TorchJacobian, dense_jacobian
+from robustbench_lab.linearization.spectra import (count_near, singular_values, svd_explicit, svd_lanczos,
+                                                   svd_lowrank)
+from robustbench_lab.linearization.units import (ModuleFunction, UnitRef, get_block, hidden_states, list_units, scaled,
+                                                 stage_function, unit_function, unit_input)
 from robustbench_lab.core.model import Classifier
 from robustbench_lab.core.zoo import CifarResNet, SmallCNN
 

@@ -4,14 +4,13 @@
 validate the ``linearize`` node (before any data is read) -> model from the same checkpoint cache as an
 evaluation (trained if absent; BatchNorm in eval mode, parameters frozen) -> test images (the first
 ``n_images`` correctly classified points of the ``data.n_eval`` subset) -> the analyses of
-``robustbench_lab.linearization.experiments`` -> tables, plots, ``summary.md`` and ``metrics.json`` (last,
+``robustbench_lab.linearization.analyses`` -> tables, plots, ``summary.md`` and ``metrics.json`` (last,
 through ``ResultWriter``: a directory with ``metrics.json`` holds complete results). The cell store of
 ``app.execute`` restores a finished run like an evaluation cell (the files are listed in ``result_files``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import platform
@@ -34,145 +33,16 @@ from robustbench_lab.core.model import eval_frozen, predict
 from robustbench_lab.core.norms import Norm
 from robustbench_lab.core.results import ResultWriter
 from robustbench_lab.core.recipe import Recipe
-from robustbench_lab.linearization import experiments as ex
+from robustbench_lab.linearization.analyses.context import Context, Images, check_units
+from robustbench_lab.linearization.analyses.runner import run_all, summary_markdown
 from robustbench_lab.linearization.operators import TorchJacobian
+from robustbench_lab.linearization.options import BACKENDS, LinearizeOptions
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("torch", "jax")
-BOUNDARY_OPTIONS = ("pre", "post", "both")
-METHODS = ("auto", "explicit", "lowrank", "lanczos")
-DTYPES = ("float32", "float64")
-WHICH = ("both", "LM", "SM")
-ANALYSES = ("units", "stages", "sweep", "propagation", "energy")
-
-
-@dataclasses.dataclass(frozen=True)
-class Options:
-    """The validated ``linearize`` node (plain values). See conf/linearize/default.yaml for the meaning."""
-
-    backend: str
-    boundaries: tuple[str, ...]          # ("pre",), ("post",) or ("pre", "post")
-    method: str
-    k: int
-    which: str                           # Lanczos ends: both, LM (top-k only), SM (bottom-k only)
-    lanczos_maxiter: int | None
-    explicit_max: int
-    dtype: torch.dtype
-    batch_size: int
-    n_images: int
-    units: Any                           # "all" | int | list of names (resolved against the net later)
-    explicit_units: tuple[str, ...]
-    explicit_images: int
-    hist_units: tuple[str, ...] | None
-    tol: float
-    analyses: tuple[str, ...]
-    stage_method: str
-    stage_k: int
-    stage_which: str
-    stage_images: int
-    sweep_unit: str
-    skip_scales: tuple[float, ...]
-    weight_scales: tuple[float, ...]
-    sweep_images: int
-    sweep_method: str
-    perturb_l2: float | None
-
-    @property
-    def images_needed(self) -> int:
-        n = [1]
-        if {"units", "propagation", "energy"} & set(self.analyses):
-            n.append(self.n_images)
-        if "units" in self.analyses and self.explicit_units:
-            n.append(self.explicit_images)
-        if "stages" in self.analyses:
-            n.append(self.stage_images)
-        if "sweep" in self.analyses:
-            n.append(self.sweep_images)
-        return max(n)
-
-
-def _int(node: DictConfig, key: str, lo: int, full: str) -> int:
-    v = node.get(key)
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-        raise ConfigError(full, v, f"an integer >= {lo}")
-    return int(v)
-
-
-def _choice(v: Any, allowed: tuple[str, ...], full: str) -> str:
-    if v not in allowed:
-        raise ConfigError(full, v, allowed)
-    return str(v)
-
-
-def _numbers(v: Any, full: str, lo: float | None = None) -> tuple[float, ...]:
-    seq = OmegaConf.to_container(v) if OmegaConf.is_config(v) else v
-    if not isinstance(seq, (list, tuple)) or not seq or not all(
-            isinstance(a, (int, float)) and not isinstance(a, bool) for a in seq):
-        raise ConfigError(full, v, "a non-empty list of numbers")
-    if lo is not None and any(a < lo for a in seq):
-        raise ConfigError(full, v, f"numbers >= {lo}")
-    return tuple(float(a) for a in seq)
-
-
-def _names(v: Any, full: str) -> tuple[str, ...]:
-    seq = OmegaConf.to_container(v) if OmegaConf.is_config(v) else v
-    if seq is None:
-        return ()
-    if isinstance(seq, str) or not isinstance(seq, (list, tuple)) or not all(isinstance(a, str) for a in seq):
-        raise ConfigError(full, v, "a list of unit names, e.g. [s1u1, s3u9]")
-    return tuple(seq)
-
-
-def parse_options(cfg: DictConfig) -> Options:
-    """Check the ``linearize`` node's values (its keys and types are checked at composition)."""
-    lin = cfg.linearize
-    backend = _choice(lin.backend, BACKENDS, "linearize.backend")
-    boundary = _choice(lin.boundary, BOUNDARY_OPTIONS, "linearize.boundary")
-    boundaries = ("pre", "post") if boundary == "both" else (boundary,)
-    method = _choice(lin.method, METHODS, "linearize.method")
-    dtype_name = _choice(lin.dtype, DTYPES, "linearize.dtype")
-    tol = lin.tol
-    if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not tol > 0:
-        raise ConfigError("linearize.tol", tol, "a number > 0")
-    analyses = _names(lin.analyses, "linearize.analyses")
-    for i, a in enumerate(analyses):
-        if a not in ANALYSES:
-            raise ConfigError(f"linearize.analyses[{i}]", a, ANALYSES)
-    units = lin.units
-    units = OmegaConf.to_container(units) if OmegaConf.is_config(units) else units
-    if not (units == "all" or (isinstance(units, int) and not isinstance(units, bool) and units >= 1)
-            or (isinstance(units, list) and units and all(isinstance(u, str) for u in units))):
-        raise ConfigError("linearize.units", units, "all, N (evenly spaced units per stage, N >= 1), or a "
-                          "non-empty list of unit names such as [s1u1, s3u9]")
-    l2 = lin.perturbation.l2
-    if l2 is not None and (not isinstance(l2, (int, float)) or isinstance(l2, bool) or not l2 > 0):
-        raise ConfigError("linearize.perturbation.l2", l2, "null (the adversarial norm) or a number > 0")
-    hist = lin.get("hist_units")
-    maxiter = lin.get("lanczos_maxiter")
-    if maxiter is not None and (isinstance(maxiter, bool) or not isinstance(maxiter, int) or maxiter < 1):
-        raise ConfigError("linearize.lanczos_maxiter", maxiter, "null (ARPACK's default) or an integer >= 1")
-    return Options(
-        backend=backend, boundaries=boundaries, method=method, k=_int(lin, "k", 1, "linearize.k"),
-        which=_choice(lin.which, WHICH, "linearize.which"), lanczos_maxiter=maxiter,
-        explicit_max=_int(lin, "explicit_max", 1, "linearize.explicit_max"),
-        dtype=getattr(torch, dtype_name), batch_size=_int(lin, "batch_size", 1, "linearize.batch_size"),
-        n_images=_int(lin, "n_images", 1, "linearize.n_images"), units=units,
-        explicit_units=_names(lin.explicit_units, "linearize.explicit_units"),
-        explicit_images=_int(lin, "explicit_images", 1, "linearize.explicit_images"),
-        hist_units=None if hist is None else _names(hist, "linearize.hist_units"),
-        tol=float(tol), analyses=analyses,
-        stage_method=_choice(lin.stages.method, METHODS, "linearize.stages.method"),
-        stage_k=_int(lin.stages, "k", 1, "linearize.stages.k"),
-        stage_which=_choice(lin.stages.which, WHICH, "linearize.stages.which"),
-        stage_images=_int(lin.stages, "n_images", 1, "linearize.stages.n_images"),
-        sweep_unit=str(lin.sweep.unit),
-        skip_scales=_numbers(lin.sweep.skip_scales, "linearize.sweep.skip_scales"),
-        weight_scales=_numbers(lin.sweep.weight_scales, "linearize.sweep.weight_scales", lo=0.0),
-        sweep_images=_int(lin.sweep, "n_images", 1, "linearize.sweep.n_images"),
-        sweep_method=_choice(lin.sweep.method, METHODS, "linearize.sweep.method"),
-        perturb_l2=None if l2 is None else float(l2),
-    )
+def parse_options(cfg: DictConfig) -> LinearizeOptions:
+    """The ``linearize`` node's values, checked (its keys and types are checked at composition)."""
+    return LinearizeOptions.from_dict(OmegaConf.to_container(cfg.linearize, resolve=True))
 
 
 def operator_factory(backend: str) -> Callable[..., Any]:
@@ -188,6 +58,7 @@ def operator_factory(backend: str) -> Callable[..., Any]:
         raise ConfigError("linearize.backend", backend, BACKENDS,
                           "jax is not installed here; use linearize.backend=torch or install jax (pip install jax)"
                           ) from e
+    # the one lazy project import: jax is heavy and optional, and only this backend needs it
     from robustbench_lab.linearization.jax_backend import JaxJacobian
     return JaxJacobian
 
@@ -239,7 +110,7 @@ def run_linearize(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     # the architecture must have residual units: checked on a fresh build, before any data is read
     card = data_mod.get_card(cfg.data.name)
     probe = build_model(cfg, card)
-    ex.check_units(probe.net, opts, cfg.model.name)
+    check_units(probe.net, opts, cfg.model.name)
 
     tracker = make_tracker(cfg.get("logger"))
     tracker.start(config=OmegaConf.to_container(cfg, resolve=True), run_dir=run_dir,
@@ -256,7 +127,7 @@ def run_linearize(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         tracker.finish(exit_code)
 
 
-def _run(cfg: DictConfig, run_dir: Path, opts: Options, make_op: Callable[..., Any], device: torch.device,
+def _run(cfg: DictConfig, run_dir: Path, opts: LinearizeOptions, make_op: Callable[..., Any], device: torch.device,
          defense: Defense, recipe: Recipe, attack: tuple[Attack, float | None] | None, tracker: Any,
          t_start: float) -> dict[str, Any]:
 
@@ -275,18 +146,18 @@ def _run(cfg: DictConfig, run_dir: Path, opts: Options, make_op: Callable[..., A
         raise ConfigError("data.n_eval", int(cfg.data.n_eval), f"enough points for {opts.images_needed} "
                           f"correctly classified images", f"only {correct.numel()} of the subset are correct")
     sel = correct[:opts.images_needed]
-    images = ex.Images(x=x_all[sel], y=y_all[sel], index=splits.eval_indices[sel.cpu()].tolist())
+    images = Images(x=x_all[sel], y=y_all[sel], index=splits.eval_indices[sel.cpu()].tolist())
 
     with eval_frozen(model, warn_train=False):   # BatchNorm on running statistics; no parameter gradients
-        ctx = ex.Context(model=model, opts=opts, images=images, writer=writer, make_op=make_op,
+        ctx = Context(model=model, opts=opts, images=images, writer=writer, make_op=make_op,
                          seed=int(cfg.seed), label=f"{cfg.model.name} / {cfg.data.name}")
-        results = ex.run_all(ctx, attack)
+        results = run_all(ctx, attack)
 
     metrics: dict[str, Any] = {
         "task": "linearize", "dataset": cfg.data.name, "model": cfg.model.name, "defense": cfg.defense.name,
         "attack": attack[0].name if attack else None, "norm": "l2", "eps": attack[1] if attack else None,
         "block": ctx.block_type, "boundary": "+".join(opts.boundaries), "backend": opts.backend,
-        "method": opts.method, "k": opts.k, "tol": opts.tol, "dtype": str(opts.dtype).replace("torch.", ""),
+        "method": opts.method, "k": opts.k, "tol": opts.tol, "dtype": opts.dtype,
         "analyses": list(opts.analyses), "n_images": len(images.index), "image_indices": images.index,
         "n_units": len(ctx.all_units), "n_units_analysed": len(ctx.units), "units": [u.name for u in ctx.units],
         "clean_accuracy": float((pred == y_all).float().mean()), "n_examples": int(y_all.numel()),
@@ -298,7 +169,7 @@ def _run(cfg: DictConfig, run_dir: Path, opts: Options, make_op: Callable[..., A
     metrics["objective"] = metrics.get("propagation/adv_over_random_last", float("nan"))
     metrics["seconds"] = time.time() - t_start
     metrics["finished_at"] = time.time()
-    writer.write_text("summary.md", ex.summary_markdown(metrics, results.sections))
+    writer.write_text("summary.md", summary_markdown(metrics, results.sections))
     metrics["result_files"] = sorted(writer.files)
     final = writer.commit(metrics)
     tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})

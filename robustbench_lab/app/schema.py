@@ -13,7 +13,8 @@ Value ranges (``n_eval >= 1``, known devices, ...) are not types; ``robustbench_
 them, and :func:`unknown_keys` catches keys force-added with ``+key=value`` that no schema declares, all
 before any data is read.
 
-This module stays light (no torch), like ``core.recipe`` that it derives the training recipe from.
+This module stays light (no torch), like ``core.recipe`` and ``linearization.options`` that it derives the
+training recipe and the linearize options from.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from robustbench_lab.core.recipe import Recipe
+from robustbench_lab.linearization.options import LinearizeOptions
 
 
 @dataclass
@@ -50,16 +52,26 @@ class DataSchema:
 
 def _schema_of(cls: type, name: str) -> type:
     """A structured-config dataclass with the fields, types and defaults of the core dataclass ``cls``
-    (tuples become lists, the sequence type OmegaConf stores), so the schema cannot drift from it."""
+    (tuples become lists, the sequence type OmegaConf stores; a nested dataclass becomes a nested schema),
+    so the schema cannot drift from it."""
     hints = typing.get_type_hints(cls)
     fields = []
     for f in dataclasses.fields(cls):
         typ = hints[f.name]
-        if typing.get_origin(typ) is tuple:
-            typ = List[typing.get_args(typ)[0]]   # type: ignore[valid-type]
-            fields.append((f.name, typ, field(default_factory=lambda d=f.default: list(d))))
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        optional = typing.get_origin(typ) is typing.Union and type(None) in typing.get_args(typ)
+        inner = next(a for a in typing.get_args(typ) if a is not type(None)) if optional else typ
+        if dataclasses.is_dataclass(inner):
+            sub = _schema_of(inner, name + inner.__name__)
+            fields.append((f.name, sub, field(default_factory=sub)))
+        elif typing.get_origin(inner) is tuple:
+            typ = List[typing.get_args(inner)[0]]   # type: ignore[valid-type]
+            typ = Optional[typ] if optional else typ
+            fields.append((f.name, typ, field(default_factory=lambda d=default: None if d is None else list(d))))
+        elif isinstance(default, (dict, list)):
+            fields.append((f.name, typ, field(default_factory=lambda f=f: f.default_factory())))
         else:
-            fields.append((f.name, typ, field(default=f.default)))
+            fields.append((f.name, typ, field(default=default)))
     schema = dataclasses.make_dataclass(name, fields)
     schema.__module__ = __name__
     schema.__doc__ = f"The config schema of ``{cls.__module__}.{cls.__name__}`` (derived, not copied)."
@@ -104,58 +116,8 @@ class NoLoggerSchema:
     group: Optional[str] = None   # run.py sets it in a multirun for whichever logger; unused here
 
 
-@dataclass
-class LinearizePerturbationSchema:
-    """The perturbations pushed through the network (task=linearize, propagation and energy)."""
-
-    attack: Any = None            # open: an Attack node (_target_, norm: l2, eps, ...), built by app.build_attack
-    l2: Optional[float] = None    # null: the random d gets each image's adversarial L2 norm; a number: both get it
-
-
-@dataclass
-class LinearizeSweepSchema:
-    """Skip-scale (lambda) and weight-scale sweeps on one unit."""
-
-    unit: str = "s3u2"
-    skip_scales: List[float] = field(default_factory=lambda: [0.0, 0.5, 0.9, 1.0, 1.1, 2.0])
-    weight_scales: List[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
-    n_images: int = 2
-    method: str = "auto"
-
-
-@dataclass
-class LinearizeStagesSchema:
-    """Whole-stage linearizations (large: top/bottom-k by Lanczos unless explicit is affordable)."""
-
-    method: str = "lanczos"
-    k: int = 6
-    which: str = "both"
-    n_images: int = 2
-
-
-@dataclass
-class LinearizeSchema:
-    """``task=linearize`` (robustbench_lab/linearization/app.py); defaults and docs: conf/linearize/default.yaml."""
-
-    backend: str = "torch"
-    boundary: str = "pre"
-    method: str = "auto"
-    k: int = 6
-    which: str = "both"
-    lanczos_maxiter: Optional[int] = 100
-    explicit_max: int = 4096
-    dtype: str = "float32"
-    batch_size: int = 256
-    n_images: int = 8
-    units: Any = "all"            # "all" | N (N evenly spaced units per stage) | list of unit names
-    explicit_units: List[str] = field(default_factory=list)
-    explicit_images: int = 2
-    hist_units: Optional[List[str]] = None
-    tol: float = 1e-3
-    analyses: List[str] = field(default_factory=lambda: ["units", "stages", "sweep", "propagation", "energy"])
-    stages: LinearizeStagesSchema = field(default_factory=LinearizeStagesSchema)
-    sweep: LinearizeSweepSchema = field(default_factory=LinearizeSweepSchema)
-    perturbation: LinearizePerturbationSchema = field(default_factory=LinearizePerturbationSchema)
+# The ``linearize`` node (task=linearize), derived from the analysis' own options; docs: conf/linearize/default.yaml.
+LinearizeSchema = _schema_of(LinearizeOptions, "LinearizeSchema")
 
 
 @dataclass
@@ -176,7 +138,7 @@ class Config:
     checks: str = "quick"
     resume: bool = True
     num_threads: Optional[int] = None
-    task: str = "evaluate"        # evaluate | linearize (robustbench_lab/linearization/app.py)
+    task: str = "evaluate"        # evaluate | linearize (robustbench_lab/app/linearize.py)
     linearize: LinearizeSchema = field(default_factory=LinearizeSchema)
 
 

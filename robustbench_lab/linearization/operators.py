@@ -3,7 +3,8 @@
 The protocol is framework-neutral (numpy in, numpy out) so that the spectra code runs unchanged on the
 PyTorch operator here and on the JAX backend. Vectors are flattened per example, C-order of the
 per-example shape: ``jvp`` maps V (b, n_in) to rows (J V^T)^T (b, n_out), ``vjp`` maps U (b, n_out) to
-U J (b, n_in). A dense Jacobian (n_out, n_in) is assembled from batched VJPs, one row per output.
+U J (b, n_in). A dense Jacobian (n_out, n_in) is assembled from batched VJPs, one row per output, and its
+singular values come from ``svdvals``. The precision names (``DTYPES``) are shared by both backends.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ import numpy as np
 import torch
 
 from robustbench_lab.core.errors import ConfigError
+from robustbench_lab.linearization.options import DTYPES as DTYPE_NAMES
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
+DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.float64)))
+_ALIASES = {"float": "float32", "double": "float64"}     # torch's spellings of the same two types
 
 
 @runtime_checkable
@@ -44,10 +47,37 @@ def as_torch_dtype(dtype: Any, key: str = "linearize.dtype") -> torch.dtype:
     """torch.float32 / torch.float64 from a torch dtype, a numpy dtype or its name."""
     if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
         return dtype
-    name = str(np.dtype(dtype)) if not isinstance(dtype, (str, torch.dtype)) else str(dtype).replace("torch.", "")
+    try:
+        name = str(np.dtype(dtype)) if not isinstance(dtype, (str, torch.dtype)) else str(dtype).replace("torch.", "")
+    except TypeError:
+        name = ""
+    name = _ALIASES.get(name, name)
     if name not in DTYPES:
         raise ConfigError(key, dtype, list(DTYPES))
     return DTYPES[name]
+
+
+def np_dtype(dtype: Any, key: str = "linearize.dtype") -> type:
+    """np.float32 / np.float64 for ``dtype`` as ``as_torch_dtype`` reads it; None means float32."""
+    if dtype is None:
+        return np.float32
+    return np.float64 if as_torch_dtype(dtype, key) == torch.float64 else np.float32
+
+
+def descending(v: Any) -> np.ndarray:
+    """``v`` flattened to float64 and sorted, largest first (a new array)."""
+    return np.sort(np.asarray(v, dtype=np.float64).ravel())[::-1].copy()
+
+
+def svdvals(M: np.ndarray) -> np.ndarray:
+    """Singular values (descending) of a dense matrix: LAPACK gesdd without vectors, in M's precision.
+
+    Runs through torch (MKL LAPACK in the standard wheels, markedly faster than OpenBLAS' gesdd on CPU).
+    """
+    if M.size == 0:
+        return np.zeros(0)
+    t = torch.from_numpy(np.ascontiguousarray(M))
+    return torch.linalg.svdvals(t).double().numpy()
 
 
 class TorchJacobian:

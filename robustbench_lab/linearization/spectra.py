@@ -1,49 +1,52 @@
-"""Singular values of Jacobian operators: explicit, exact low-rank reduction, and Lanczos.
+"""Singular values of Jacobian operators: the one spectrum type and the one method dispatcher.
 
 Three ways (docs/methods.md section 6):
 
 * ``svd_explicit``: the dense Jacobian from batched VJPs, then a singular-values-only SVD (LAPACK gesdd
   without vectors). Exact, every value; O(n^3) and n^2 memory, fine up to ~16k dims.
-* ``svd_lowrank``: for a unit with an identity shortcut and boundary "pre", J = lambda*I + A B, where B
-  (r x n) is the Jacobian from the unit input to the residual branch's first ReLU output restricted to its
-  active units, and A (n x r) the Jacobian from there to the branch output. With W = [A, B^T] = Q R (thin
-  QR, Q n x m, m = 2r), J is block diagonal in [Q, Q_perp]: J Q_perp = lambda Q_perp because B Q_perp = 0,
-  and Q_perp^T A = 0. Its singular values are those of the m x m matrix Q^T J Q = lambda*I + R1 R2^T
-  (R = [R1, R2], so Q itself is never formed) plus |lambda| repeated n - m times. Exact; r VJPs + r JVPs.
-  A bottleneck (r <= n/4) has at least half its singular values exactly |lambda|.
+* ``svd_lowrank``: the exact reduction J = lambda*I + A B of a unit with an identity shortcut at boundary
+  "pre" (``lowrank``): every value from an m x m problem, m = 2r, r the active units of the branch's first
+  ReLU. Exact; r VJPs + r JVPs.
 * ``svd_lanczos``: the top or bottom k by ARPACK (scipy ``svds``) on a LinearOperator of jvp / vjp.
 
-Every result is a ``Spectrum`` (values descending, method, seconds, complete, n, extra).
+``singular_values`` chooses among them (``auto``) and is what the analyses call. Every result is a
+``Spectrum``: *complete* (every value) or *partial* (the known top and bottom ends of a Lanczos run).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import math
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
-import scipy.linalg
 import torch
+from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, svds
 from torch import nn
 
-from robustbench_lab.core.errors import ConfigError
-from robustbench_lab.linearization.operators import JacobianOperator, TorchJacobian, as_torch_dtype, dense_jacobian
-from robustbench_lab.linearization.units import BOUNDARIES, ModuleFunction, check_boundary, has_identity_shortcut, scaled, unit_function
+from robustbench_lab.core.errors import ConfigError, check_choice
+from robustbench_lab.linearization.lowrank import reduced_values, reduction_rank
+from robustbench_lab.linearization.operators import (JacobianOperator, TorchJacobian, dense_jacobian, descending,
+                                                     np_dtype, svdvals)
+from robustbench_lab.linearization.options import METHODS, WHICH
+from robustbench_lab.linearization.units import check_boundary, has_identity_shortcut, scaled, unit_function
 
-METHODS = ("auto", "explicit", "lowrank", "lanczos")
-WHICH = ("LM", "SM", "both")
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
 class Spectrum:
-    """Singular values of one Jacobian.
+    """Singular values of one Jacobian (n_out x n_in); ``n = min(n_in, n_out)`` values in all.
 
-    ``values``: descending (for a partial spectrum, the computed ones: top-k, bottom-k, or both, top first);
-    ``complete``: every one of the ``n = min(n_in, n_out)`` values is in ``values``; ``method``: the method
-    that produced them (after ``auto`` resolution); ``seconds``: wall time including the products;
-    ``extra``: method details (k, which, rank r of the reduction, requested method, ...).
+    ``values``: descending. A complete spectrum (``complete``) holds all n; a partial one (Lanczos) the
+    ``n_top`` largest followed by the smallest it found (``top`` and ``bottom``, each descending; an end
+    that was not asked for or did not converge is empty, ``note`` says which). ``method``: the method that
+    produced the values (after ``auto`` resolution); ``seconds``: wall time including the products;
+    ``n_zero``: values known to be exactly 0 (rows of inactive outputs at boundary post, a lower bound on
+    their count); ``extra``: method details (k, which, rank r of the reduction, requested method, ...).
     """
 
     values: np.ndarray
@@ -52,6 +55,19 @@ class Spectrum:
     complete: bool
     n: int
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    n_in: int = 0
+    n_out: int = 0
+    n_top: int | None = None     # None: every value counts as the top end (complete, or a top-k run)
+    n_zero: int = 0
+    note: str = ""
+
+    @property
+    def top(self) -> np.ndarray:
+        return self.values if self.n_top is None else self.values[:self.n_top]
+
+    @property
+    def bottom(self) -> np.ndarray:
+        return self.values[:0] if self.n_top is None else self.values[self.n_top:]
 
     def to_dict(self, with_values: bool = False) -> dict[str, Any]:
         d = {"method": self.method, "seconds": self.seconds, "complete": self.complete, "n": self.n,
@@ -59,25 +75,6 @@ class Spectrum:
         if with_values:
             d["values"] = self.values.tolist()
         return d
-
-
-def _desc(v: Any) -> np.ndarray:
-    return np.sort(np.asarray(v, dtype=np.float64).ravel())[::-1].copy()
-
-
-def _np_dtype(dtype: Any) -> type:
-    return np.float64 if as_torch_dtype(dtype) == torch.float64 else np.float32
-
-
-def svdvals(M: np.ndarray) -> np.ndarray:
-    """Singular values (descending) of a dense matrix: LAPACK gesdd without vectors, in M's precision.
-
-    Runs through torch (MKL LAPACK in the standard wheels, markedly faster than OpenBLAS' gesdd on CPU).
-    """
-    if M.size == 0:
-        return np.zeros(0)
-    t = torch.from_numpy(np.ascontiguousarray(M))
-    return torch.linalg.svdvals(t).double().numpy()
 
 
 # ----------------------------------------------------------------------------------------------- explicit
@@ -91,12 +88,13 @@ def svd_explicit(op: JacobianOperator, dtype: Any = None, batch_size: int | None
     J = dense_jacobian(op, batch_size=batch_size)
     t1 = time.perf_counter()
     if dtype is not None:
-        J = J.astype(_np_dtype(dtype), copy=False)
-    values = _desc(svdvals(J))
+        J = J.astype(np_dtype(dtype), copy=False)
+    values = descending(svdvals(J))
     t2 = time.perf_counter()
-    return Spectrum(values, "explicit", t2 - t0, True, min(int(op.n_in), int(op.n_out)),
-                    {"n_in": int(op.n_in), "n_out": int(op.n_out), "dtype": str(J.dtype),
-                     "seconds_products": t1 - t0, "seconds_svd": t2 - t1})
+    n_in, n_out = int(op.n_in), int(op.n_out)
+    return Spectrum(values, "explicit", t2 - t0, True, min(n_in, n_out),
+                    {"n_in": n_in, "n_out": n_out, "dtype": str(J.dtype), "seconds_products": t1 - t0,
+                     "seconds_svd": t2 - t1}, n_in=n_in, n_out=n_out)
 
 
 # ----------------------------------------------------------------------------------------------- lanczos
@@ -107,9 +105,7 @@ def _check_k(k: int, n: int) -> int:
     return int(k)
 
 
-def _linear_operator(op: JacobianOperator) -> Any:
-    from scipy.sparse.linalg import LinearOperator
-
+def _linear_operator(op: JacobianOperator) -> LinearOperator:
     n_in, n_out = int(op.n_in), int(op.n_out)
     f64 = (lambda a: np.asarray(a, dtype=np.float64))   # ARPACK iterates in float64 whatever the products' dtype
 
@@ -131,11 +127,9 @@ def svd_lanczos(op: JacobianOperator, k: int, which: str = "LM", *, tol: float =
     order of ``values``). The bottom end converges slowly when the small values cluster (no shift-invert
     is possible matrix-free); ``maxiter`` caps it (ARPACK raises if it does not converge).
     """
-    from scipy.sparse.linalg import svds
-
-    if which not in WHICH:
-        raise ConfigError("linearize.which", which, WHICH)
-    n = min(int(op.n_in), int(op.n_out))
+    check_choice("linearize.which", which, WHICH)
+    n_in, n_out = int(op.n_in), int(op.n_out)
+    n = min(n_in, n_out)
     k = _check_k(k, n)
     t0 = time.perf_counter()
     if which == "both":
@@ -145,7 +139,7 @@ def svd_lanczos(op: JacobianOperator, k: int, which: str = "LM", *, tol: float =
         if vectors:
             extra["vh"] = np.concatenate([top.extra["vh"], bot.extra["vh"]])
         vals = np.concatenate([top.values, bot.values])
-        return Spectrum(vals, "lanczos", time.perf_counter() - t0, False, n, extra)
+        return Spectrum(vals, "lanczos", time.perf_counter() - t0, False, n, extra, n_in=n_in, n_out=n_out, n_top=k)
     lin = _linear_operator(op)
     v0 = np.random.default_rng(seed).standard_normal(n)
     if ncv is None and which == "SM" and solver == "arpack":
@@ -162,47 +156,65 @@ def svd_lanczos(op: JacobianOperator, k: int, which: str = "LM", *, tol: float =
                              "n_jvp": getattr(op, "n_jvp", 0) - n0[0], "n_vjp": getattr(op, "n_vjp", 0) - n0[1]}
     if vectors:
         extra["vh"] = np.asarray(vh)[order]
-    return Spectrum(np.asarray(s, dtype=np.float64)[order], "lanczos", time.perf_counter() - t0, k == n, n, extra)
+    complete = k == n
+    return Spectrum(np.asarray(s, dtype=np.float64)[order], "lanczos", time.perf_counter() - t0, complete, n, extra,
+                    n_in=n_in, n_out=n_out, n_top=None if complete or which == "LM" else 0)
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Lanczos multiplies one vector at a time: too little work to share, and on a busy 2-core machine the
+    thread hand-offs made a top-6 Lanczos of a 12544-dim unit ~10x slower at 2 threads than at 1 (measured).
+    Dense Jacobians and SVDs keep the run's threads."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def _lanczos_end(op: JacobianOperator, k: int, which: str, maxiter: int | None) -> tuple[np.ndarray, str]:
+    """One end of the spectrum by Lanczos; empty (with a note) when ARPACK does not converge in ``maxiter``."""
+    try:
+        with one_thread():
+            return descending(svd_lanczos(op, k, which=which, maxiter=maxiter).values), ""
+    except ArpackNoConvergence:
+        log.warning("Lanczos (%s, k=%d) did not converge within maxiter=%s; that end is left unknown", which, k,
+                    maxiter)
+        return np.zeros(0), f"{which} not converged"
+
+
+def _lanczos_ends(op: JacobianOperator, k: int, which: str, maxiter: int | None, n_zero: int) -> Spectrum:
+    """The requested ends (``which`` LM, SM or both) as one partial spectrum; with at least k known zeros
+    (``n_zero``) the bottom end is those zeros, without Lanczos (which would stall on that multiple value)."""
+    t0 = time.perf_counter()
+    n_in, n_out = int(op.n_in), int(op.n_out)
+    notes = []
+    top = bottom = np.zeros(0)
+    if which in ("LM", "both"):
+        top, note = _lanczos_end(op, k, "LM", maxiter)
+        top = top[:k]
+        notes.append(note)
+    if which in ("SM", "both"):
+        if n_zero >= k:
+            bottom = np.zeros(k)
+            notes.append("bottom: exact zeros (inactive ReLU rows)")
+        else:
+            bottom, note = _lanczos_end(op, k, "SM", maxiter)
+            bottom = bottom[-k:]
+            notes.append(note)
+    return Spectrum(np.concatenate([top, bottom]), "lanczos", time.perf_counter() - t0, False, min(n_in, n_out),
+                    {"k": k, "which": which}, n_in=n_in, n_out=n_out, n_top=top.size,
+                    note="; ".join(x for x in notes if x))
 
 
 # ----------------------------------------------------------------------------------------------- low rank
-def _branch_parts(block: nn.Module) -> tuple[ModuleFunction, nn.Module, ModuleFunction]:
-    """(head, act, tail) with residual(x) = tail(act(head(x))): head = bn1 o conv1 (affine), act = the first
-    ReLU (the branch's narrowest point in a bottleneck), tail = the rest of the branch."""
-    head = ModuleFunction([block], lambda m, x: m[0].bn1(m[0].conv1(x)), "conv1-bn1")
-    if hasattr(block, "conv3"):      # Bottleneck
-        tail = ModuleFunction([block], lambda m, h: m[0].bn3(m[0].conv3(m[0].relu2(m[0].bn2(m[0].conv2(h))))),
-                              "conv2-bn2-relu2-conv3-bn3")
-    else:                            # BasicBlock
-        tail = ModuleFunction([block], lambda m, h: m[0].bn2(m[0].conv2(h)), "conv2-bn2")
-    return head, block.relu1, tail
-
-
-def reduction_rank(block: nn.Module, x0: torch.Tensor) -> tuple[int, int]:
-    """(r, n): active units of the branch's first ReLU at ``x0`` (C, H, W) and the unit's dimension; the
-    low-rank reduction works on an m = min(n, 2r) dimensional subspace."""
-    head, act, _ = _branch_parts(block)
-    p = next(block.parameters())
-    x0 = torch.as_tensor(x0).detach()
-    x0 = x0[0] if x0.dim() == 4 else x0
-    with torch.no_grad():
-        pre = head(x0[None].to(device=p.device, dtype=p.dtype))
-    d = _act_derivative(act, pre)
-    return int((d != 0).sum()), int(x0.numel())
-
-
-def _act_derivative(act: nn.Module, pre: torch.Tensor) -> torch.Tensor:
-    """Diagonal of the (elementwise) activation's Jacobian at ``pre``: 0/1 for a ReLU, also right for a
-    retrofitted JumpReLU (its derivative is 1 above the jump and 0 below)."""
-    with torch.no_grad():
-        _, d = torch.func.jvp(act, (pre,), (torch.ones_like(pre),))
-    return d
-
-
 def svd_lowrank(block: nn.Module, x0: torch.Tensor, skip_scale: float | None = None, weight_scale: float = 1.0, *,
                 boundary: str = "pre", batch_size: int = 256, dtype: Any = torch.float32,
                 precision: str = "auto", max_bytes: int = 2 << 30, direct_ratio: float = 0.8) -> Spectrum:
-    """Every singular value of the unit's Jacobian at its input ``x0`` (C, H, W) by the exact reduction.
+    """Every singular value of the unit's Jacobian at its input ``x0`` (C, H, W) by the exact reduction
+    (``lowrank``).
 
     Only for boundary "pre" and an identity shortcut (J = lambda*I + dF); ConfigError otherwise.
     ``skip_scale``: lambda (None: the block's current one, so it nests inside ``scaled``); ``weight_scale``
@@ -213,83 +225,10 @@ def svd_lowrank(block: nn.Module, x0: torch.Tensor, skip_scale: float | None = N
     "direct", in the products' dtype; the same exact matrix, as svd_explicit).
     """
     t0 = time.perf_counter()
-    check_boundary(boundary)
-    if boundary != "pre":
-        raise ConfigError("linearize.boundary", boundary, ["pre"],
-                          "the exact low-rank reduction needs J = lambda*I + dF (boundary 'post' multiplies by the "
-                          "ReLU mask D); use method explicit or lanczos")
-    if not has_identity_shortcut(block):
-        raise ConfigError("linearize.method", "lowrank", ["auto", "explicit", "lanczos"],
-                          f"the exact low-rank reduction needs an identity shortcut; this {type(block).__name__} "
-                          "is a downsampling unit (its shortcut changes the shape, J = lambda*S + dF with S != I)")
-    if precision not in ("auto", "float32", "float64"):
-        raise ConfigError("linearize.lowrank_precision", precision, ["auto", "float32", "float64"])
-    tdtype = as_torch_dtype(dtype)
-    x0 = torch.as_tensor(x0).detach()
-    if x0.dim() == 4 and x0.shape[0] == 1:
-        x0 = x0[0]
-    with scaled(block, skip_scale=skip_scale, weight_scale=weight_scale):
-        lam = float(block.skip_scale)
-        head, act, tail = _branch_parts(block)
-        hop = TorchJacobian(head, x0, batch_size=batch_size, dtype=tdtype)
-        pre = hop.y0[None]                       # (1, planes, H, W): the first ReLU's input
-        dact = _act_derivative(act, pre)
-        with torch.no_grad():
-            h0 = act(pre)[0]
-            # the decomposition must reproduce the block's own branch (guards against a changed block layout)
-            p = next(block.parameters())
-            ref = block.residual(x0[None].to(device=p.device, dtype=p.dtype))[0]
-        top = TorchJacobian(tail, h0, batch_size=batch_size, dtype=tdtype)
-        got = top.y0.to(device=ref.device, dtype=ref.dtype)
-        if not torch.allclose(got, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()) + 1e-6):
-            raise RuntimeError(f"{type(block).__name__}: tail(act(head(x))) differs from residual(x)")
-        active = torch.nonzero(dact.reshape(-1) != 0).reshape(-1)
-        n, r = hop.n_in, int(active.numel())
-        m = min(n, 2 * r)
-        direct = m > direct_ratio * n
-        extra: dict[str, Any] = {"skip_scale": lam, "weight_scale": float(weight_scale), "r": r, "m": m,
-                                 "active_fraction": r / max(1, int(pre.numel())), "block": type(block).__name__,
-                                 "boundary": "pre"}
-        if direct:
-            # the subspace is (nearly) the whole space: n VJPs of the unit are cheaper than r VJPs + r JVPs
-            # followed by an n x r x n product or a QR of n x 2r, and the result is the same exact matrix
-            J = TorchJacobian(unit_function(block, "pre"), x0, batch_size=batch_size, dtype=tdtype).dense_t()
-        else:
-            # rows of B: d act/d pre (diagonal) times the head's rows, only at active units (the others are 0)
-            B = hop.dense_t(active) * dact.reshape(-1)[active][:, None]      # (r, n)
-            A = top.columns_t(active)                                        # (n, r)
-    t1 = time.perf_counter()
-    extra["seconds_products"] = t1 - t0
-    if direct:
-        if precision == "float64":
-            J = J.double()
-        extra.update(path="direct", m=n, precision=str(J.dtype).replace("torch.", ""))
-        small = svdvals(J.cpu().numpy())
-        del J
-        m = n
-    elif r == 0:
-        small = np.zeros(0)
-        extra.update(path="identity", precision="n/a")
-    else:
-        if precision == "auto":
-            la = np.float64 if n * m * 8 <= max_bytes else np.float32
-        else:
-            la = np.float64 if precision == "float64" else np.float32
-        extra.update(path="reduced", precision=np.dtype(la).name)
-        W = np.empty((n, 2 * r), dtype=la, order="F")   # Fortran order: LAPACK works in place
-        W[:, :r] = A.cpu().numpy()
-        W[:, r:] = B.cpu().numpy().T
-        del A, B
-        # W = Q R  =>  Q^T A = R[:, :r] and B Q = R[:, r:]^T, so Q^T J Q = lambda*I + R1 R2^T without Q
-        (_, _), R = scipy.linalg.qr(W, mode="raw", overwrite_a=True, check_finite=False)
-        del W
-        P = R[:, :r] @ R[:, r:].T
-        P[np.diag_indices(P.shape[0])] += lam
-        small = svdvals(P)
-    values = np.concatenate([small, np.full(n - m, abs(lam))])
-    extra["n_exact_lambda"] = int(n - m)
-    extra["seconds_linalg"] = time.perf_counter() - t1
-    return Spectrum(_desc(values), "lowrank", time.perf_counter() - t0, True, n, extra)
+    values, extra = reduced_values(block, x0, skip_scale, weight_scale, boundary=boundary, batch_size=batch_size,
+                                   dtype=dtype, precision=precision, max_bytes=max_bytes, direct_ratio=direct_ratio)
+    n = int(values.size)
+    return Spectrum(values, "lowrank", time.perf_counter() - t0, True, n, extra, n_in=n, n_out=n)
 
 
 # ------------------------------------------------------------------------------------------------ dispatch
@@ -297,71 +236,77 @@ def _is_operator(obj: Any) -> bool:
     return all(hasattr(obj, a) for a in ("jvp", "vjp", "n_in", "n_out"))
 
 
+def _zero_rows(op: Any) -> int:
+    """Outputs that are exactly 0 at the linearization point. For a ReLU output (boundary post) their rows
+    of J are 0 (the ReLU's derivative at 0 is 0 in torch and jax), so rank(J) <= n_out - zeros: at least
+    zeros - (n_out - n) of its n = min(n_in, n_out) singular values are 0."""
+    y = getattr(op, "y0", None)
+    if y is None:
+        return 0
+    y = y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
+    return int(np.sum(y == 0))
+
+
 def singular_values(target: Any, x0: torch.Tensor | None = None, *, method: str = "auto", boundary: str = "pre",
                     k: int = 20, which: str = "LM", explicit_max: int = 16384, skip_scale: float | None = None,
                     weight_scale: float = 1.0, batch_size: int = 256, dtype: Any = torch.float32,
-                    svd_dtype: Any = None) -> Spectrum:
+                    svd_dtype: Any = None, block: nn.Module | None = None, maxiter: int | None = None) -> Spectrum:
     """Singular values of a Jacobian, by ``method``; the method actually used is recorded.
 
-    ``target``: a Jacobian operator (any backend; methods explicit / lanczos / auto), or a residual block
-    with its input ``x0`` (C, H, W) (all methods; the unit function at ``boundary``, with ``skip_scale`` /
-    ``weight_scale`` applied for the call).
+    ``target``: a Jacobian operator (any backend), or a residual block with its input ``x0`` (C, H, W)
+    (the unit function at ``boundary`` through ``TorchJacobian``, with ``skip_scale`` / ``weight_scale``
+    applied for the call). An operator of a unit may come with that unit's ``block`` and ``x0`` (its current
+    scales: callers wrap it in ``units.scaled``), which makes the low-rank reduction available.
 
-    ``auto``: the exact low-rank reduction when it applies (block, boundary "pre", identity shortcut) and
+    ``auto``: the exact low-rank reduction when it applies (a block, boundary "pre", identity shortcut) and
     its subspace is smaller (m = 2r < 0.8 n) and affordable (m <= explicit_max); else the explicit SVD when
-    max(n_in, n_out) <= ``explicit_max``; else Lanczos (``k`` values, ``which`` end: LM, SM or both).
-    ``extra["requested"]`` keeps the requested method.
+    max(n_in, n_out) <= ``explicit_max``; else Lanczos: ``k`` values at the ``which`` end(s) (LM, SM or both;
+    an end that does not converge within ``maxiter`` ARPACK restarts is left empty, with a note). Lanczos
+    with 2k close to n computes the whole spectrum explicitly instead (cheaper, and the ends would overlap).
+    At boundary post, outputs that are 0 give known zero singular values (``n_zero``); with at least k of
+    them the bottom end is those zeros. ``extra["requested"]`` keeps the requested method.
     """
-    if method not in METHODS:
-        raise ConfigError("linearize.method", method, METHODS)
+    check_choice("linearize.method", method, METHODS)
     check_boundary(boundary)
+    check_choice("linearize.which", which, WHICH)
     is_op = _is_operator(target)
     if not is_op and not isinstance(target, nn.Module):
         raise ConfigError("linearize.target", type(target).__name__, ["a Jacobian operator", "a residual block"])
     if not is_op and x0 is None:
         raise ConfigError("linearize.x0", None, "the unit's input (C, H, W) when a block is given")
-    if is_op and method == "lowrank":
-        raise ConfigError("linearize.method", method, ["auto", "explicit", "lanczos"],
-                          "the low-rank reduction needs the block and its input: singular_values(block, x0, ...)")
     if is_op and (skip_scale is not None or weight_scale != 1.0):
         raise ConfigError("linearize.skip_scale", skip_scale, "None with an operator",
                           "scales apply to a block: singular_values(block, x0, skip_scale=...)")
-
-    chosen = method
-    if not is_op:
-        lowrank_ok = boundary == "pre" and has_identity_shortcut(target)
-        n = int(x0.numel())
-        if method == "auto" and lowrank_ok:
-            with scaled(target, skip_scale=skip_scale, weight_scale=weight_scale):
-                r, _ = reduction_rank(target, x0)
-            if 2 * r < 0.8 * n and 2 * r <= explicit_max:
-                chosen = "lowrank"
-        if chosen == "lowrank":
-            sp = svd_lowrank(target, x0, skip_scale=skip_scale, weight_scale=weight_scale, batch_size=batch_size,
-                             dtype=dtype)
-            sp.extra["requested"] = method
-            return sp
-    with scaled(target, skip_scale=skip_scale, weight_scale=weight_scale) if not is_op else _nullctx():
-        op = target if is_op else TorchJacobian(unit_function(target, boundary), x0, batch_size=batch_size,
-                                                  dtype=dtype)
-        if chosen == "auto":
-            chosen = "explicit" if max(int(op.n_in), int(op.n_out)) <= explicit_max else "lanczos"
+    blk = block if is_op else target
+    if method == "lowrank" and (blk is None or x0 is None):
+        raise ConfigError("linearize.method", method, ["auto", "explicit", "lanczos"],
+                          "the low-rank reduction needs the block and its input: singular_values(block, x0, ...)")
+    with scaled(blk, skip_scale=skip_scale, weight_scale=weight_scale) if not is_op else contextlib.nullcontext():
+        op = target if is_op else TorchJacobian(unit_function(blk, boundary), x0, batch_size=batch_size, dtype=dtype)
+        n_in, n_out = int(op.n_in), int(op.n_out)
+        n = min(n_in, n_out)
+        n_zero = max(0, _zero_rows(op) - (n_out - n)) if boundary == "post" else 0
+        chosen = method
+        if method == "auto":
+            chosen = "explicit" if max(n_in, n_out) <= explicit_max else "lanczos"
+            if blk is not None and x0 is not None and boundary == "pre" and has_identity_shortcut(blk):
+                r, _ = reduction_rank(blk, x0)
+                if 2 * r < 0.8 * n and 2 * r <= explicit_max:
+                    chosen = "lowrank"
+        if chosen == "lanczos" and 2 * k >= n - 1:
+            chosen = "explicit"
         if chosen == "explicit":
             sp = svd_explicit(op, dtype=svd_dtype)
+        elif chosen == "lowrank":   # the block as it is now (scaled above, or by the caller)
+            sp = svd_lowrank(blk, x0, skip_scale=None, weight_scale=1.0, boundary=boundary, batch_size=batch_size,
+                             dtype=dtype)
+            sp.extra["weight_scale"] = float(weight_scale)   # applied by the scaled() above, not inside the call
         else:
-            sp = svd_lanczos(op, k, which)
+            sp = _lanczos_ends(op, k, which, maxiter, n_zero)
+    sp.n_zero = n_zero
     sp.extra["requested"] = method
-    if not is_op:
-        sp.extra["boundary"] = boundary
+    sp.extra["boundary"] = boundary
     return sp
-
-
-class _nullctx:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
 
 # ------------------------------------------------------------------------------------------------ summaries
@@ -381,7 +326,3 @@ def fraction_equal_one(values: np.ndarray, tol: float = 1e-3, n: int | None = No
     operator's n for a partial spectrum to get a lower bound)."""
     total = len(np.asarray(values).ravel()) if n is None else int(n)
     return count_equal_one(values, tol) / total if total else math.nan
-
-
-__all__ = ["Spectrum", "svd_explicit", "svd_lanczos", "svd_lowrank", "singular_values", "count_near",
-           "count_equal_one", "fraction_equal_one", "svdvals", "reduction_rank", "METHODS", "WHICH", "BOUNDARIES"]

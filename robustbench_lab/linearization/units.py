@@ -26,8 +26,7 @@ from torch import nn
 
 from robustbench_lab.core.errors import ConfigError
 from robustbench_lab.core.zoo import BasicBlock, Bottleneck, CifarResNet
-
-BOUNDARIES = ("pre", "post")
+from robustbench_lab.linearization.options import BOUNDARIES
 
 _RESNETS = "a CIFAR ResNet with residual units (resnet20/32/44/56/110, resnet56_bottleneck)"
 
