@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from robustbench_lab.core.attack_base import FIXED_EPS, Attack
-from robustbench_lab.core.errors import ConfigError
+from robustbench_lab.core.attack_base import Attack, AttackFamily
+from robustbench_lab.core.errors import ConfigError, check_choice, check_number
 from robustbench_lab.core.norms import Norm
 
 log = logging.getLogger(__name__)
@@ -195,7 +195,7 @@ class AutoAttack(LogMixin, Attack):
     """
 
     name = "autoattack"
-    family = FIXED_EPS
+    family = AttackFamily.FIXED_EPS
     supported_norms: ClassVar[tuple[Norm, ...]] = (Norm.LINF, Norm.L2)
 
     def __init__(self, *, norm: str = "linf", version: str = "standard", attacks: Sequence[str] | None = None,
@@ -203,15 +203,11 @@ class AutoAttack(LogMixin, Attack):
                  n_target_classes: int | None = None, square_n_queries: int | None = None,
                  batch_size: int = 250) -> None:
         super().__init__(norm=norm)
-        if version not in VERSIONS:
-            raise ConfigError("attack.version", version, VERSIONS)
+        check_choice("attack.version", version, VERSIONS)
         if attacks is not None:
             if isinstance(attacks, str):
                 raise ConfigError("attack.attacks", attacks, "a list of component names, e.g. [apgd-ce, apgd-t]")
-            attacks = [str(a) for a in attacks]
-            bad = [a for a in attacks if a not in COMPONENTS]
-            if bad:
-                raise ConfigError("attack.attacks", bad[0], COMPONENTS)
+            attacks = [check_choice("attack.attacks", str(a), COMPONENTS) for a in attacks]
             if version != "custom" and attacks:
                 raise ConfigError("attack.attacks", attacks, "null unless attack.version=custom",
                                   f"version {version!r} fixes its own components")
@@ -219,12 +215,11 @@ class AutoAttack(LogMixin, Attack):
             raise ConfigError("attack.attacks", attacks, "a non-empty list of " + ", ".join(COMPONENTS),
                               "attack.version=custom runs exactly the listed components")
         for key, v in (("apgd_n_iter", apgd_n_iter), ("apgd_n_restarts", apgd_n_restarts),
-                       ("square_n_queries", square_n_queries), ("batch_size", batch_size)):
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ConfigError(f"attack.{key}", v, "an integer >= 1" + (" or null" if key != "batch_size" else ""))
-        if n_target_classes is not None and (isinstance(n_target_classes, bool) or not isinstance(n_target_classes, int)
-                                             or not 1 <= n_target_classes <= 9):
-            raise ConfigError("attack.n_target_classes", n_target_classes, "an integer in 1..9 or null")
+                       ("square_n_queries", square_n_queries)):
+            check_number(f"attack.{key}", v, low=1, integer=True, allow_none=True, hint="null keeps the version's")
+        check_number("attack.batch_size", batch_size, low=1, integer=True)
+        check_number("attack.n_target_classes", n_target_classes, low=1, high=9, integer=True, allow_none=True,
+                     hint="null keeps the version's")
         self.version = version
         self.attacks = list(attacks) if attacks else None
         self.apgd_n_iter = apgd_n_iter
