@@ -140,6 +140,18 @@ def mode_guard(model: nn.Module, who: str) -> Iterator[None]:
                            "its results are not valid for an eval-mode model")
 
 
+@contextlib.contextmanager
+def pyaa_call(model: nn.Module, generator: torch.Generator, who: str, logger_names: Sequence[str] = (),
+              live: Callable[[str], None] | None = None) -> Iterator[tuple[int, list[str]]]:
+    """The bridge around one pyautoattack call: yields ``(seed, lines)``, the int seed for the package (from
+    ``generator``) and the list its captured output fills when the block ends; the global RNG states and the
+    model's modes are guarded meanwhile (``preserved_global_rng``, ``captured_output``, ``mode_guard``)."""
+    seed = seed_from(generator)
+    lines: list[str] = []
+    with preserved_global_rng(), captured_output(logger_names, lines, live), mode_guard(model, who):
+        yield seed, lines
+
+
 class LogMixin:
     """Keeps the captured output of pyautoattack calls.
 
@@ -260,13 +272,11 @@ class AutoAttack(LogMixin, Attack):
         assert eps is not None
         if x.shape[0] == 0:
             return x.clone()
-        seed = seed_from(generator)
-        lines: list[str] = []
         _reset_dynamic_check_counters()
         def live(msg: str) -> None:
             log.info("autoattack (%d points): %s", x.shape[0], msg)
 
-        with preserved_global_rng(), captured_output([PYAA_LOGGER], lines, live), mode_guard(model, "pyautoattack"):
+        with pyaa_call(model, generator, "pyautoattack", [PYAA_LOGGER], live) as (seed, lines):
             aa = self._build(model, float(eps), seed, x.device)
             x_adv, _ = aa.run_standard_evaluation(x, y, batch_size=self.batch_size)
         comps = ",".join(aa.attacks_to_run)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from attacks.pgd import PGD
-from robustbench_lab.core.attack_base import Attack, AttackFamily
+from robustbench_lab.core.attack_base import Attack, AttackFamily, correct_indices
 from robustbench_lab.core.errors import check_bool, check_choice, check_number
 from robustbench_lab.core.norms import Norm, flat
 
@@ -90,9 +90,7 @@ class CarliniWagnerL2(Attack):
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | None,
             generator: torch.Generator) -> torch.Tensor:
         best = x.clone()
-        with torch.no_grad():
-            correct = model(x).argmax(1) == y
-        idx = correct.nonzero().squeeze(1)
+        idx = correct_indices(model, x, y)
         n = idx.numel()
         if n == 0:
             return best

@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from attacks.autoattack import LogMixin, captured_output, mode_guard, preserved_global_rng, pyaa_norm, seed_from
+from attacks.autoattack import LogMixin, pyaa_call, pyaa_norm
 from robustbench_lab.core.attack_base import Attack, AttackFamily
 from robustbench_lab.core.errors import check_bool, check_choice, check_number
 from robustbench_lab.core.norms import Norm
@@ -64,9 +64,7 @@ class Square(LogMixin, Attack):
             return x.clone()
         from pyautoattack.square import SquareAttack
 
-        seed = seed_from(generator)
-        lines: list[str] = []
-        with preserved_global_rng(), captured_output([], lines), mode_guard(model, "pyautoattack.square"):
+        with pyaa_call(model, generator, "pyautoattack.square") as (seed, lines):
             sq = SquareAttack(model, norm=pyaa_norm(self.norm), n_queries=self.n_queries, eps=float(eps),
                               p_init=self.p_init, n_restarts=self.n_restarts, seed=seed, verbose=self.verbose,
                               loss=self.loss, resc_schedule=self.rescale_schedule, device=x.device)

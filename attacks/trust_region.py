@@ -14,7 +14,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from robustbench_lab.core.attack_base import Attack, AttackFamily
+from robustbench_lab.core.attack_base import Attack, AttackFamily, correct_indices
 from robustbench_lab.core.errors import ConfigError, check_bool, check_choice, check_number
 from robustbench_lab.core.norms import Norm, flat
 
@@ -138,9 +138,7 @@ class TrustRegion(Attack):
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | None,
             generator: torch.Generator) -> torch.Tensor:
         x_adv = x.clone()
-        with torch.no_grad():
-            correct = model(x).argmax(1) == y
-        idx = correct.nonzero().squeeze(1)
+        idx = correct_indices(model, x, y)
         if idx.numel() == 0:
             return x_adv
         t = self._select_targets(model, x[idx], y[idx])

@@ -186,6 +186,13 @@ class Attack(abc.ABC):
             check_number("attack.eps", eps, low=0, hint="epsilon is in input space ([0, 1] pixels)")
 
 
+def correct_indices(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Indices (K,) of the rows of ``x`` (B, C, H, W) that ``model`` classifies as ``y``: a minimization
+    attack moves only these and returns the others unchanged. One forward pass (counted inside ``run``)."""
+    with torch.no_grad():
+        return (model(x).argmax(1) == y).nonzero().squeeze(1)
+
+
 def margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per-example CW margin max_{j != y} z_j - z_y (positive once misclassified)."""
     z_y = logits.gather(1, y[:, None]).squeeze(1)
