@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-import math
 
 from robustbench_lab.core.attack_base import Attack, AttackFamily
 from robustbench_lab.core.errors import check_bool, check_number
