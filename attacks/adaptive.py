@@ -2,8 +2,8 @@
 attack, for defenses whose gradients are not informative.
 
 * ``BPDA``: Backward Pass Differentiable Approximation. Runs the base attack with every BPDA-capable module
-  of the model (e.g. ``defenses.jumprelu.JumpReLU``) back-propagating through a smooth surrogate; the
-  forward pass, and therefore the success the harness recomputes, is the real defended model.
+  of the model (e.g. ``defenses.jumprelu.activation.JumpReLU``) back-propagating through a smooth
+  surrogate; the forward pass, and therefore the success the harness recomputes, is the real defended model.
 * ``Transfer``: gray-box transfer. Crafts with the base attack on the model's undefended source
   (``model.undefended``) and returns those inputs; the harness scores them on the defended model.
 
@@ -21,12 +21,12 @@ import torch
 from torch import nn
 
 from robustbench_lab.core.attack_base import Attack, CountingModel
-from robustbench_lab.core.errors import ConfigError
+from robustbench_lab.core.errors import ConfigError, check_choice, check_number
 from robustbench_lab.core.norms import Norm
 
 log = logging.getLogger(__name__)
 
-SURROGATES = ("relu", "sigmoid")
+SURROGATES = ("relu", "sigmoid")   # the smooth backward passes a BPDA-capable module may offer
 
 
 def _check_base(base: Any) -> Attack:
@@ -98,11 +98,9 @@ class BPDA(_Wrapper):
     def __init__(self, *, base: Attack, norm: str | Norm | None = None, surrogate: str = "relu",
                  tau: float | None = None) -> None:
         super().__init__(base=base, norm=norm)
-        if surrogate not in SURROGATES:
-            raise ConfigError("attack.surrogate", surrogate, SURROGATES)
-        if tau is not None and (isinstance(tau, bool) or not isinstance(tau, (int, float)) or not tau > 0):
-            raise ConfigError("attack.tau", tau, "null (the modules' own) or a number > 0")
-        self.surrogate = surrogate
+        self.surrogate = check_choice("attack.surrogate", surrogate, SURROGATES)
+        check_number("attack.tau", tau, low=0, low_open=True, allow_none=True,
+                     hint="null keeps the modules' own temperature")
         self.tau = float(tau) if tau is not None else None
 
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | None,
@@ -125,7 +123,8 @@ class Transfer(_Wrapper):
     The harness then clips them and scores them on the defended model. The base attack runs through its
     own template on the source (eval mode, its own clipping); its forward/backward passes on the source are
     added to this attack's counts, so the cost columns show what crafting cost. A model without an
-    ``undefended`` source is an error (a defense transform must keep it; ``defenses.jumprelu.retrofit`` does).
+    ``undefended`` source is an error (a defense transform must keep it, as
+    ``defenses.jumprelu.retrofit.retrofit`` does).
     """
 
     name = "transfer"

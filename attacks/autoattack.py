@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from robustbench_lab.core.attack_base import FIXED_EPS, Attack
-from robustbench_lab.core.errors import ConfigError
+from robustbench_lab.core.attack_base import Attack, AttackFamily
+from robustbench_lab.core.errors import ConfigError, check_choice, check_number
 from robustbench_lab.core.norms import Norm
 
 log = logging.getLogger(__name__)
@@ -140,6 +140,18 @@ def mode_guard(model: nn.Module, who: str) -> Iterator[None]:
                            "its results are not valid for an eval-mode model")
 
 
+@contextlib.contextmanager
+def pyaa_call(model: nn.Module, generator: torch.Generator, who: str, logger_names: Sequence[str] = (),
+              live: Callable[[str], None] | None = None) -> Iterator[tuple[int, list[str]]]:
+    """The bridge around one pyautoattack call: yields ``(seed, lines)``, the int seed for the package (from
+    ``generator``) and the list its captured output fills when the block ends; the global RNG states and the
+    model's modes are guarded meanwhile (``preserved_global_rng``, ``captured_output``, ``mode_guard``)."""
+    seed = seed_from(generator)
+    lines: list[str] = []
+    with preserved_global_rng(), captured_output(logger_names, lines, live), mode_guard(model, who):
+        yield seed, lines
+
+
 class LogMixin:
     """Keeps the captured output of pyautoattack calls.
 
@@ -195,7 +207,7 @@ class AutoAttack(LogMixin, Attack):
     """
 
     name = "autoattack"
-    family = FIXED_EPS
+    family = AttackFamily.FIXED_EPS
     supported_norms: ClassVar[tuple[Norm, ...]] = (Norm.LINF, Norm.L2)
 
     def __init__(self, *, norm: str = "linf", version: str = "standard", attacks: Sequence[str] | None = None,
@@ -203,15 +215,11 @@ class AutoAttack(LogMixin, Attack):
                  n_target_classes: int | None = None, square_n_queries: int | None = None,
                  batch_size: int = 250) -> None:
         super().__init__(norm=norm)
-        if version not in VERSIONS:
-            raise ConfigError("attack.version", version, VERSIONS)
+        check_choice("attack.version", version, VERSIONS)
         if attacks is not None:
             if isinstance(attacks, str):
                 raise ConfigError("attack.attacks", attacks, "a list of component names, e.g. [apgd-ce, apgd-t]")
-            attacks = [str(a) for a in attacks]
-            bad = [a for a in attacks if a not in COMPONENTS]
-            if bad:
-                raise ConfigError("attack.attacks", bad[0], COMPONENTS)
+            attacks = [check_choice("attack.attacks", str(a), COMPONENTS) for a in attacks]
             if version != "custom" and attacks:
                 raise ConfigError("attack.attacks", attacks, "null unless attack.version=custom",
                                   f"version {version!r} fixes its own components")
@@ -219,12 +227,11 @@ class AutoAttack(LogMixin, Attack):
             raise ConfigError("attack.attacks", attacks, "a non-empty list of " + ", ".join(COMPONENTS),
                               "attack.version=custom runs exactly the listed components")
         for key, v in (("apgd_n_iter", apgd_n_iter), ("apgd_n_restarts", apgd_n_restarts),
-                       ("square_n_queries", square_n_queries), ("batch_size", batch_size)):
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ConfigError(f"attack.{key}", v, "an integer >= 1" + (" or null" if key != "batch_size" else ""))
-        if n_target_classes is not None and (isinstance(n_target_classes, bool) or not isinstance(n_target_classes, int)
-                                             or not 1 <= n_target_classes <= 9):
-            raise ConfigError("attack.n_target_classes", n_target_classes, "an integer in 1..9 or null")
+                       ("square_n_queries", square_n_queries)):
+            check_number(f"attack.{key}", v, low=1, integer=True, allow_none=True, hint="null keeps the version's")
+        check_number("attack.batch_size", batch_size, low=1, integer=True)
+        check_number("attack.n_target_classes", n_target_classes, low=1, high=9, integer=True, allow_none=True,
+                     hint="null keeps the version's")
         self.version = version
         self.attacks = list(attacks) if attacks else None
         self.apgd_n_iter = apgd_n_iter
@@ -265,13 +272,11 @@ class AutoAttack(LogMixin, Attack):
         assert eps is not None
         if x.shape[0] == 0:
             return x.clone()
-        seed = seed_from(generator)
-        lines: list[str] = []
         _reset_dynamic_check_counters()
         def live(msg: str) -> None:
             log.info("autoattack (%d points): %s", x.shape[0], msg)
 
-        with preserved_global_rng(), captured_output([PYAA_LOGGER], lines, live), mode_guard(model, "pyautoattack"):
+        with pyaa_call(model, generator, "pyautoattack", [PYAA_LOGGER], live) as (seed, lines):
             aa = self._build(model, float(eps), seed, x.device)
             x_adv, _ = aa.run_standard_evaluation(x, y, batch_size=self.batch_size)
         comps = ",".join(aa.attacks_to_run)

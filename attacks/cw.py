@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from attacks.pgd import PGD
-from robustbench_lab.core.attack_base import MINIMIZATION, Attack
-from robustbench_lab.core.errors import ConfigError
+from robustbench_lab.core.attack_base import Attack, AttackFamily, correct_indices
+from robustbench_lab.core.errors import check_bool, check_choice, check_number
 from robustbench_lab.core.norms import Norm, flat
 
 BETA1, BETA2, ADAM_EPS = 0.9, 0.999, 1e-8   # Adam's usual constants, as in the original code and Foolbox
@@ -67,23 +67,19 @@ class CarliniWagnerL2(Attack):
     """
 
     name = "cw"
-    family = MINIMIZATION
+    family = AttackFamily.MINIMIZATION
     supported_norms = (Norm.L2,)
 
     def __init__(self, *, norm: str = "l2", steps: int = 100, binary_search_steps: int = 9,
                  initial_const: float = 1e-3, lr: float = 0.01, confidence: float = 0.0,
                  abort_early: bool = True) -> None:
         super().__init__(norm=norm)
-        if isinstance(steps, bool) or int(steps) < 1:
-            raise ConfigError("attack.steps", steps, "an integer >= 1")
-        if isinstance(binary_search_steps, bool) or int(binary_search_steps) < 1:
-            raise ConfigError("attack.binary_search_steps", binary_search_steps, "an integer >= 1")
-        if not (initial_const > 0 and math.isfinite(initial_const)):
-            raise ConfigError("attack.initial_const", initial_const, "a number > 0")
-        if not (lr > 0 and math.isfinite(lr)):
-            raise ConfigError("attack.lr", lr, "a number > 0")
-        if not (confidence >= 0 and math.isfinite(confidence)):
-            raise ConfigError("attack.confidence", confidence, "a number >= 0 (logit units)")
+        check_number("attack.steps", steps, low=1, integer=True)
+        check_number("attack.binary_search_steps", binary_search_steps, low=1, integer=True)
+        check_number("attack.initial_const", initial_const, low=0, low_open=True, high=math.inf, high_open=True)
+        check_number("attack.lr", lr, low=0, low_open=True, high=math.inf, high_open=True)
+        check_number("attack.confidence", confidence, low=0, high=math.inf, high_open=True, hint="in logit units")
+        check_bool("attack.abort_early", abort_early)
         self.steps = int(steps)
         self.binary_search_steps = int(binary_search_steps)
         self.initial_const = float(initial_const)
@@ -94,9 +90,7 @@ class CarliniWagnerL2(Attack):
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | None,
             generator: torch.Generator) -> torch.Tensor:
         best = x.clone()
-        with torch.no_grad():
-            correct = model(x).argmax(1) == y
-        idx = correct.nonzero().squeeze(1)
+        idx = correct_indices(model, x, y)
         n = idx.numel()
         if n == 0:
             return best
@@ -162,8 +156,7 @@ class CWLinf(PGD):
     def __init__(self, *, norm: str = "linf", steps: int = 20, rel_stepsize: float | None = None,
                  step_size: float | None = None, random_start: bool = True, restarts: int = 1,
                  loss: str = "margin") -> None:
-        if loss != "margin":
-            raise ConfigError("attack.loss", loss, ["margin"], "cw_linf is PGD on the CW margin loss; for other "
-                              "losses use attack=pgd")
+        check_choice("attack.loss", loss, ["margin"], "cw_linf is PGD on the CW margin loss; for other losses use "
+                     "attack=pgd")
         super().__init__(norm=norm, steps=steps, rel_stepsize=rel_stepsize, step_size=step_size,
                          random_start=random_start, restarts=restarts, loss="margin")

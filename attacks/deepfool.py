@@ -9,8 +9,8 @@ import math
 import torch
 from torch import nn
 
-from robustbench_lab.core.attack_base import MINIMIZATION, Attack
-from robustbench_lab.core.errors import ConfigError
+from robustbench_lab.core.attack_base import Attack, AttackFamily
+from robustbench_lab.core.errors import check_number
 from robustbench_lab.core.norms import Norm, flat
 
 MIN_STEP = 1e-4   # added to every step length, as in the paper's code, so a step never stalls on the boundary
@@ -41,19 +41,16 @@ class DeepFool(Attack):
     """
 
     name = "deepfool"
-    family = MINIMIZATION
+    family = AttackFamily.MINIMIZATION
     supported_norms = (Norm.L2, Norm.LINF)
 
     def __init__(self, *, norm: str = "l2", steps: int = 50, candidates: int = 10,
                  overshoot: float = 0.02) -> None:
         super().__init__(norm=norm)
-        if isinstance(steps, bool) or int(steps) < 1:
-            raise ConfigError("attack.steps", steps, "an integer >= 1")
-        if isinstance(candidates, bool) or int(candidates) < 2:
-            raise ConfigError("attack.candidates", candidates, "an integer >= 2 (the label and at least one "
-                              "other class)")
-        if not (overshoot >= 0 and math.isfinite(overshoot)):
-            raise ConfigError("attack.overshoot", overshoot, "a number >= 0")
+        check_number("attack.steps", steps, low=1, integer=True)
+        check_number("attack.candidates", candidates, low=2, integer=True,
+                     hint="the label and at least one other class")
+        check_number("attack.overshoot", overshoot, low=0, high=math.inf, high_open=True)
         self.steps = int(steps)
         self.candidates = int(candidates)
         self.overshoot = float(overshoot)

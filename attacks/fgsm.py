@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustbench_lab.core.attack_base import FIXED_EPS, Attack
+from robustbench_lab.core.attack_base import Attack, AttackFamily
+from robustbench_lab.core.errors import check_bool, check_number
 from robustbench_lab.core.norms import normalize_grad, project, random_in_ball
 
 
@@ -19,10 +22,13 @@ class FGSM(Attack):
     """
 
     name = "fgsm"
-    family = FIXED_EPS
+    family = AttackFamily.FIXED_EPS
 
     def __init__(self, *, norm: str = "linf", random_start: bool = False, step_scale: float = 1.0) -> None:
         super().__init__(norm=norm)
+        check_bool("attack.random_start", random_start)
+        check_number("attack.step_scale", step_scale, low=0, low_open=True, high=math.inf, high_open=True,
+                     hint="the step as a multiple of eps")
         self.random_start = bool(random_start)
         self.step_scale = float(step_scale)
 

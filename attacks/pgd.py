@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustbench_lab.core.attack_base import FIXED_EPS, Attack, margin_loss
-from robustbench_lab.core.errors import ConfigError
+from robustbench_lab.core.attack_base import Attack, AttackFamily, margin_loss
+from robustbench_lab.core.errors import check_bool, check_choice, check_number
 from robustbench_lab.core.norms import normalize_grad, project, random_in_ball
 
 LOSSES = ("ce", "margin")
@@ -25,18 +25,20 @@ class PGD(Attack):
     """
 
     name = "pgd"
-    family = FIXED_EPS
+    family = AttackFamily.FIXED_EPS
 
     def __init__(self, *, norm: str = "linf", steps: int = 20, rel_stepsize: float | None = None,
                  step_size: float | None = None, random_start: bool = True, restarts: int = 1,
                  loss: str = "ce") -> None:
         super().__init__(norm=norm)
-        if steps < 1:
-            raise ConfigError("attack.steps", steps, "an integer >= 1")
-        if restarts < 1:
-            raise ConfigError("attack.restarts", restarts, "an integer >= 1")
-        if loss not in LOSSES:
-            raise ConfigError("attack.loss", loss, LOSSES)
+        check_number("attack.steps", steps, low=1, integer=True)
+        check_number("attack.restarts", restarts, low=1, integer=True)
+        check_choice("attack.loss", loss, LOSSES)
+        check_number("attack.rel_stepsize", rel_stepsize, low=0, low_open=True, allow_none=True,
+                     hint="the step as a multiple of eps; null: 2.5 / steps")
+        check_number("attack.step_size", step_size, low=0, low_open=True, allow_none=True,
+                     hint="absolute, in input space; null: rel_stepsize * eps")
+        check_bool("attack.random_start", random_start)
         self.steps = int(steps)
         self.rel_stepsize = float(rel_stepsize) if rel_stepsize is not None else 2.5 / self.steps
         self.step_size = float(step_size) if step_size is not None else None

@@ -8,9 +8,9 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from attacks.autoattack import LogMixin, captured_output, mode_guard, preserved_global_rng, pyaa_norm, seed_from
-from robustbench_lab.core.attack_base import FIXED_EPS, Attack
-from robustbench_lab.core.errors import ConfigError
+from attacks.autoattack import LogMixin, pyaa_call, pyaa_norm
+from robustbench_lab.core.attack_base import Attack, AttackFamily
+from robustbench_lab.core.errors import check_bool, check_choice, check_number
 from robustbench_lab.core.norms import Norm
 
 LOSSES = ("margin", "ce")
@@ -36,21 +36,19 @@ class Square(LogMixin, Attack):
     """
 
     name = "square"
-    family = FIXED_EPS
+    family = AttackFamily.FIXED_EPS
     supported_norms: ClassVar[tuple[Norm, ...]] = (Norm.LINF, Norm.L2)
     gradient_free: ClassVar[bool] = True   # score-based: the contract expects n_backward == 0
 
     def __init__(self, *, norm: str = "linf", n_queries: int = 1000, p_init: float = 0.8, n_restarts: int = 1,
                  loss: str = "margin", rescale_schedule: bool = True, verbose: bool = False) -> None:
         super().__init__(norm=norm)
-        if isinstance(n_queries, bool) or not isinstance(n_queries, int) or n_queries < 1:
-            raise ConfigError("attack.n_queries", n_queries, "an integer >= 1")
-        if isinstance(n_restarts, bool) or not isinstance(n_restarts, int) or n_restarts < 1:
-            raise ConfigError("attack.n_restarts", n_restarts, "an integer >= 1")
-        if not (isinstance(p_init, (int, float)) and 0 < p_init <= 1):
-            raise ConfigError("attack.p_init", p_init, "a number in (0, 1]")
-        if loss not in LOSSES:
-            raise ConfigError("attack.loss", loss, LOSSES)
+        check_number("attack.n_queries", n_queries, low=1, integer=True)
+        check_number("attack.n_restarts", n_restarts, low=1, integer=True)
+        check_number("attack.p_init", p_init, low=0, low_open=True, high=1)
+        check_choice("attack.loss", loss, LOSSES)
+        check_bool("attack.rescale_schedule", rescale_schedule)
+        check_bool("attack.verbose", verbose)
         self.n_queries = int(n_queries)
         self.p_init = float(p_init)
         self.n_restarts = int(n_restarts)
@@ -66,9 +64,7 @@ class Square(LogMixin, Attack):
             return x.clone()
         from pyautoattack.square import SquareAttack
 
-        seed = seed_from(generator)
-        lines: list[str] = []
-        with preserved_global_rng(), captured_output([], lines), mode_guard(model, "pyautoattack.square"):
+        with pyaa_call(model, generator, "pyautoattack.square") as (seed, lines):
             sq = SquareAttack(model, norm=pyaa_norm(self.norm), n_queries=self.n_queries, eps=float(eps),
                               p_init=self.p_init, n_restarts=self.n_restarts, seed=seed, verbose=self.verbose,
                               loss=self.loss, resc_schedule=self.rescale_schedule, device=x.device)

@@ -14,8 +14,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from robustbench_lab.core.attack_base import MINIMIZATION, Attack
-from robustbench_lab.core.errors import ConfigError
+from robustbench_lab.core.attack_base import Attack, AttackFamily, correct_indices
+from robustbench_lab.core.errors import ConfigError, check_bool, check_choice, check_number
 from robustbench_lab.core.norms import Norm, flat
 
 # Per-norm trust radii in input space ([0, 1] pixels); see ``TrustRegion`` for how they were chosen.
@@ -94,7 +94,7 @@ class TrustRegion(Attack):
     """
 
     name = "trust_region"
-    family = MINIMIZATION
+    family = AttackFamily.MINIMIZATION
     OBJECTIVES: ClassVar[dict[int, str]] = {1: "logit margin z_t - z_y", 2: "softmax margin p_y - p_t"}
 
     def __init__(self, *, norm: str = "linf", order: int = 1, iterations: int = 100, adaptive: bool = True,
@@ -102,25 +102,22 @@ class TrustRegion(Attack):
                  n_classes: int = 9, target: str = "best", overshoot: float = 0.02, ratio: str = "model",
                  cg_steps: int = 5) -> None:
         super().__init__(norm=norm)
-        if order not in (1, 2) or isinstance(order, bool):
-            raise ConfigError("attack.order", order, [1, 2])
-        if order == 2 and self.norm is not Norm.L2:
-            raise ConfigError("attack.norm", self.norm.value, ["l2"],
-                              "the second-order trust-region attack (attack.order=2) is L2 only")
-        if int(iterations) < 1:
-            raise ConfigError("attack.iterations", iterations, "an integer >= 1")
-        if int(n_classes) < 1:
-            raise ConfigError("attack.n_classes", n_classes, "an integer >= 1")
-        if target not in TARGETS:
-            raise ConfigError("attack.target", target, TARGETS)
-        if ratio not in RATIOS:
-            raise ConfigError("attack.ratio", ratio, RATIOS)
-        if ratio == "official" and order == 2:
-            raise ConfigError("attack.ratio", ratio, ["model"], "the official ratio is defined for order=1 only")
-        if not overshoot >= 0:
-            raise ConfigError("attack.overshoot", overshoot, "a number >= 0")
-        if int(cg_steps) < 1:
-            raise ConfigError("attack.cg_steps", cg_steps, "an integer >= 1")
+        check_choice("attack.order", order, [1, 2])
+        check_choice("attack.ratio", ratio, RATIOS)
+        if order == 2:
+            check_choice("attack.norm", self.norm.value, ["l2"],
+                         "the second-order trust-region attack (attack.order=2) is L2 only")
+            check_choice("attack.ratio", ratio, ["model"], "the official ratio is defined for order=1 only")
+        check_number("attack.iterations", iterations, low=1, integer=True)
+        check_number("attack.n_classes", n_classes, low=1, integer=True)
+        check_choice("attack.target", target, TARGETS)
+        check_number("attack.overshoot", overshoot, low=0)
+        check_number("attack.cg_steps", cg_steps, low=1, integer=True)
+        check_bool("attack.adaptive", adaptive)
+        for key, v in (("attack.radius", radius), ("attack.radius_min", radius_min),
+                       ("attack.radius_max", radius_max)):
+            check_number(key, v, low=0, low_open=True, high=math.inf, high_open=True, allow_none=True,
+                         hint="input space, [0, 1] pixels; null takes the per-norm default")
         self.order = int(order)
         self.objective = self.OBJECTIVES[self.order]
         self.iterations = int(iterations)
@@ -128,11 +125,6 @@ class TrustRegion(Attack):
         self.radius = float(radius) if radius is not None else DEFAULT_RADIUS[self.norm]
         self.radius_min = float(radius_min) if radius_min is not None else DEFAULT_RADIUS_MIN[self.norm]
         self.radius_max = float(radius_max) if radius_max is not None else DEFAULT_RADIUS_MAX[self.norm]
-        for key, v in (("attack.radius", self.radius), ("attack.radius_min", self.radius_min),
-                       ("attack.radius_max", self.radius_max)):
-            if not (v > 0 and math.isfinite(v)):
-                raise ConfigError(key, v, "a number > 0 (input space, [0, 1] pixels), or null for the per-norm "
-                                  "default")
         if self.radius_min > self.radius_max:
             raise ConfigError("attack.radius_min", self.radius_min, f"a number <= attack.radius_max "
                               f"({self.radius_max})")
@@ -146,9 +138,7 @@ class TrustRegion(Attack):
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | None,
             generator: torch.Generator) -> torch.Tensor:
         x_adv = x.clone()
-        with torch.no_grad():
-            correct = model(x).argmax(1) == y
-        idx = correct.nonzero().squeeze(1)
+        idx = correct_indices(model, x, y)
         if idx.numel() == 0:
             return x_adv
         t = self._select_targets(model, x[idx], y[idx])

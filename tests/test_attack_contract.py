@@ -11,7 +11,7 @@ import torch
 from hydra.utils import get_class
 
 from robustbench_lab.app.builders import build_attack
-from robustbench_lab.core.attack_base import FIXED_EPS, MINIMIZATION
+from robustbench_lab.core.attack_base import AttackFamily
 from robustbench_lab.core.norms import Norm, l2, linf
 
 from conftest import ROOT, compose
@@ -62,7 +62,7 @@ def test_norm_bound_box_and_recomputed_success(trained_small_cnn, batch, name, n
     assert res.x_adv.min() >= 0 and res.x_adv.max() <= 1
     d = res.x_adv - x
     bound = linf(d) if norm == "linf" else l2(d)
-    if atk.family == FIXED_EPS:
+    if atk.family == AttackFamily.FIXED_EPS:
         assert (bound <= eps * (1 + 1e-5) + 1e-6).all(), float(bound.max())
     assert torch.allclose(res.l2, l2(d)) and torch.allclose(res.linf, linf(d))
     # success is recomputed on the returned tensor, never taken from the attack
@@ -70,7 +70,7 @@ def test_norm_bound_box_and_recomputed_success(trained_small_cnn, batch, name, n
         pred = trained_small_cnn(res.x_adv).argmax(1)
     assert torch.equal(res.adv_pred, pred)
     expected = pred != y
-    if atk.family == MINIMIZATION:
+    if atk.family == AttackFamily.MINIMIZATION:
         expected &= bound <= eps * (1 + 1e-6) + 1e-7
     assert torch.equal(res.success, expected)
     # a real attack at this budget fools a real share of a small undefended model

@@ -19,7 +19,10 @@ from attacks.adaptive import BPDA, Transfer, bpda_mode
 from attacks.fgsm import FGSM
 from attacks.pgd import PGD
 from defenses.adv_training import AdversarialTraining
-from defenses.jumprelu import JumpReLU, JumpReLUDefense, choose_jump, keep_undefended, retrofit
+from defenses.jumprelu.activation import JumpReLU
+from defenses.jumprelu.defense import JumpReLUDefense
+from defenses.jumprelu.retrofit import keep_undefended, retrofit
+from defenses.jumprelu.tuning import choose_jump
 from robustbench_lab.app.builders import build_attack, build_defense, checkpoint_spec
 from robustbench_lab.app.execute import run_task
 from robustbench_lab.core.cache import content_key

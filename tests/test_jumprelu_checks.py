@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from defenses.jumprelu import retrofit
+from defenses.jumprelu.retrofit import retrofit
 from robustbench_lab.app.builders import build_attack
 from robustbench_lab.app.checks import run_checks
 from robustbench_lab.core.evaluator import evaluate

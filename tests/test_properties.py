@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from robustbench_lab.app.builders import build_attack
-from robustbench_lab.core.attack_base import FIXED_EPS, MINIMIZATION
+from robustbench_lab.core.attack_base import AttackFamily
 from robustbench_lab.core.model import Classifier
 from robustbench_lab.core.norms import l2, linf
 
@@ -146,7 +146,7 @@ def test_attack_invariants(name, data):
     before = state_of(model)
     atk = make_attack(name, case["norm"])
     # minimization attacks are also called without an epsilon (scored at every epsilon)
-    eps = case["eps"] if atk.family == FIXED_EPS or data.draw(st.booleans()) else None
+    eps = case["eps"] if atk.family == AttackFamily.FIXED_EPS or data.draw(st.booleans()) else None
 
     rng = torch.get_rng_state()
     with warnings.catch_warnings():
@@ -170,7 +170,7 @@ def test_attack_invariants(name, data):
     assert torch.isfinite(xa).all() and xa.min() >= 0 and xa.max() <= 1
     d = xa - x
     norms = linf(d) if case["norm"] == "linf" else l2(d)
-    if atk.family == FIXED_EPS:
+    if atk.family == AttackFamily.FIXED_EPS:
         assert (norms <= eps * (1 + 1e-5) + 1e-6).all(), (float(norms.max()), eps)
         if eps == 0:
             assert torch.equal(xa, x)
@@ -184,7 +184,7 @@ def test_attack_invariants(name, data):
     model.train(was)
     assert torch.equal(res.adv_pred, pred) and torch.equal(res.fooled, pred != y)
     expected = pred != y
-    if atk.family == MINIMIZATION and eps is not None:
+    if atk.family == AttackFamily.MINIMIZATION and eps is not None:
         expected &= norms <= eps * (1 + 1e-6) + 1e-7
     assert torch.equal(res.success, expected)
 

@@ -32,7 +32,8 @@ MANIFEST = "manifest.json"
 
 # Classes that moved to another module keep their former import path in the key, so cells stored before the
 # move are still found (the path names the same class; it changes no number).
-MOVED_TARGETS = {"robustbench_lab.core.defense_base.NoDefense": "robustbench_lab.defense_base.NoDefense"}
+MOVED_TARGETS = {"robustbench_lab.core.defense_base.NoDefense": "robustbench_lab.defense_base.NoDefense",
+                 "defenses.jumprelu.defense.JumpReLUDefense": "defenses.jumprelu.JumpReLUDefense"}
 
 # Top-level keys that never change a run's numbers.
 IRRELEVANT = ("paths", "logger", "progress", "hydra", "resume", "num_threads")

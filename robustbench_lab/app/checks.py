@@ -1,7 +1,7 @@
 """Evaluation-sanity checks, applied to every run (``checks=quick|full|none``).
 
 The field's checklist (Carlini et al. 2019, "On Evaluating Adversarial Robustness"; AutoAttack's flags),
-automated. Each check has a name, a documentation page ``docs/checks/<name>.md`` ("raised when / what it
+automated. The level is a ``CheckLevel``, parsed once where ``run_checks`` receives it. Each check has a name, a documentation page ``docs/checks/<name>.md`` ("raised when / what it
 means / what to do"), a value recorded in ``metrics.json`` under ``checks``, and a visible warning when it
 fires. Checks that need extra attacks run them at a small budget on a subset of the evaluated points; the
 extra attacks are built from the same attack configs as everything else (``conf/attack``).
@@ -12,29 +12,47 @@ from __future__ import annotations
 import dataclasses
 import logging
 import warnings
+from enum import Enum
 from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from attacks.adaptive import BPDA, Transfer, bpda_modules
 from robustbench_lab.app.builders import attack_from_name
-from robustbench_lab.core.attack_base import FIXED_EPS, Attack
-from robustbench_lab.core.errors import ConfigError
+from robustbench_lab.core.analyses import input_gradients, zero_gradient_mask
+from robustbench_lab.core.attack_base import Attack, AttackFamily
+from robustbench_lab.core.errors import check_choice
+from robustbench_lab.core.evaluator import attack_points
 from robustbench_lab.core.model import eval_frozen, predict
 from robustbench_lab.core.norms import Norm, l2, linf
 
 log = logging.getLogger(__name__)
 
-LEVELS = ("none", "quick", "full")
+
+class CheckLevel(str, Enum):
+    """How much of the checklist runs (config key ``checks``); a ``str`` enum, so it compares equal to the
+    config's spelling."""
+
+    NONE = "none"      # the audit of the returned points only
+    QUICK = "quick"    # every check, on a small subset at a small budget
+    FULL = "full"      # every check, on more points at a larger budget
+
+    @classmethod
+    def parse(cls, value: "str | CheckLevel", key: str = "checks") -> "CheckLevel":
+        if isinstance(value, cls):
+            return value
+        return cls(check_choice(key, value, LEVELS))
+
+
+LEVELS = tuple(level.value for level in CheckLevel)   # the config's spellings
 DOCS = "docs/checks"
 
 BUDGETS = {  # points checked, square queries, attack-step multiplier
-    "quick": {"n": 64, "square_queries": 200, "steps": 10},
-    "full": {"n": 500, "square_queries": 2000, "steps": 50},
+    CheckLevel.QUICK: {"n": 64, "square_queries": 200, "steps": 10},
+    CheckLevel.FULL: {"n": 500, "square_queries": 2000, "steps": 50},
 }
 
 LARGE_EPS = {Norm.LINF: 0.5, Norm.L2: None}   # L2: set from the input dimension (see eps_monotonicity)
@@ -57,25 +75,18 @@ def _attack(name: str, norm: Norm, **over: Any) -> Attack:
     return attack_from_name(name, norm.value, 0.0, key=f"checks.{name}", **over)[0]
 
 
-def _robust(model: nn.Module, atk: Attack, x: torch.Tensor, y: torch.Tensor, eps: float,
-            gen: torch.Generator, bs: int) -> torch.Tensor:
-    """Per-example robustness (clean-correct and not fooled) of ``x`` under ``atk`` at ``eps``."""
-    ok = predict(model, x) == y
-    out = ok.clone()
-    idx = ok.nonzero().squeeze(1)
-    for i in range(0, idx.numel(), bs):
-        b = idx[i:i + bs]
-        out[b] = ~atk(model, x[b], y[b], eps=eps, generator=gen).success
-    return out
+def _robust_accuracy(model: nn.Module, atk: Attack, x: torch.Tensor, y: torch.Tensor, eps: float,
+                     gen: torch.Generator, bs: int) -> float:
+    """Robust accuracy (clean-correct and not fooled, over all points) of ``x`` under ``atk`` at ``eps``.
+
+    Clean correctness is measured again for every probe: on a randomized model it differs call to call."""
+    return float(attack_points(model, atk, x, y, eps, gen, bs).robust.float().mean())
 
 
 def zero_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threshold: float = 0.01) -> CheckResult:
-    with eval_frozen(model, warn_train=False):
-        xg = x.clone().requires_grad_(True)
-        loss = F.cross_entropy(model(xg), y, reduction="sum")
-        (g,) = torch.autograd.grad(loss, xg)
+    g = input_gradients(model, x, y)
     gn = l2(g)
-    frac = float((gn <= 1e-12).float().mean())
+    frac = float(zero_gradient_mask(g).float().mean())
     return CheckResult("zero_gradients", frac > threshold, {"fraction_zero": frac, "median_grad_norm": float(gn.median())},
                        f"{100 * frac:.1f}% of clean points have an exactly zero input gradient" if frac > threshold
                        else f"input gradients are non-zero on {100 * (1 - frac):.1f}% of clean points")
@@ -163,7 +174,7 @@ def cascade_evidence(attacks: Sequence[Attack], table: pd.DataFrame | None, n: i
 
 
 def run_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Sequence[Attack], eps: float | None,
-               main_robust: torch.Tensor, x_adv: torch.Tensor, n_nan: int, level: str,
+               main_robust: torch.Tensor, x_adv: torch.Tensor, n_nan: int, level: CheckLevel | str,
                generator: torch.Generator, batch_size: int = 500,
                table: pd.DataFrame | None = None) -> list[CheckResult]:
     """Run the checks at ``level`` on the evaluated points ``x`` (N, C, H, W), ``y`` (N,).
@@ -173,11 +184,10 @@ def run_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Sequ
     checks compare against is the run's white-box attacks alone: a cascade that already contains Square or
     BPDA must not hide the gap between them and the white-box attacks.
     """
-    if level not in LEVELS:
-        raise ConfigError("checks", level, LEVELS)
+    level = CheckLevel.parse(level)
     norm = attacks[0].norm
-    results = [audit(x, x_adv, norm, eps, n_nan, all(a.family == FIXED_EPS for a in attacks))]
-    if level == "none":
+    results = [audit(x, x_adv, norm, eps, n_nan, all(a.family == AttackFamily.FIXED_EPS for a in attacks))]
+    if level is CheckLevel.NONE:
         return results
     b = BUDGETS[level]
     n = min(b["n"], x.shape[0])
@@ -191,11 +201,10 @@ def run_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Sequ
     main_white = float(torch.as_tensor(wb_mask[:n]).float().mean()) if wb_mask is not None else None
     bs = batch_size
     # iterative vs single step
-    fgsm_rob = _robust(model, _attack("fgsm", norm), xs, ys, eps, generator, bs)
+    fgsm_ra = _robust_accuracy(model, _attack("fgsm", norm), xs, ys, eps, generator, bs)
     pgd = _attack("pgd", norm, steps=b["steps"])
     pgd_state = generator.get_state()      # BPDA below replays PGD's random starts: a like-for-like comparison
-    pgd_rob = _robust(model, pgd, xs, ys, eps, generator, bs)
-    fgsm_ra, pgd_ra = float(fgsm_rob.float().mean()), float(pgd_rob.float().mean())
+    pgd_ra = _robust_accuracy(model, pgd, xs, ys, eps, generator, bs)
     fired = fgsm_ra < pgd_ra - 0.01 or fgsm_ra < main_ra - 0.01
     results.append(CheckResult("single_step_stronger", fired,
                                {"fgsm": fgsm_ra, "pgd": pgd_ra, "main": main_ra},
@@ -203,13 +212,13 @@ def run_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Sequ
                                f"run's attacks {main_ra:.3f}"))
     # convergence: more steps and restarts
     pgd_more = _attack("pgd", norm, steps=2 * b["steps"], restarts=2)
-    more_ra = float(_robust(model, pgd_more, xs, ys, eps, generator, bs).float().mean())
+    more_ra = _robust_accuracy(model, pgd_more, xs, ys, eps, generator, bs)
     fired = more_ra < min(pgd_ra, main_ra) - 0.02
     results.append(CheckResult("not_converged", fired, {"pgd": pgd_ra, "pgd_2x_steps_2_restarts": more_ra, "main": main_ra},
                                f"PGD with 2x steps and 2 restarts: {more_ra:.3f} vs {min(pgd_ra, main_ra):.3f}"))
     # black box
     square = _attack("square", norm, n_queries=b["square_queries"])
-    sq_ra = float(_robust(model, square, xs, ys, eps, generator, bs).float().mean())
+    sq_ra = _robust_accuracy(model, square, xs, ys, eps, generator, bs)
     white = min(pgd_ra, more_ra) if main_white is None else min(pgd_ra, more_ra, main_white)
     fired, value, msg = _stronger("black_box", "square", sq_ra, white, cas)
     results.append(CheckResult("blackbox_stronger", fired, value,
@@ -218,14 +227,11 @@ def run_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Sequ
     # transfer from the undefended model, when there is one
     source = getattr(model, "undefended", None)
     if source is not None:
-        tr_rob = rob.clone()
+        # crafted on the source, scored on the defended model: the outcome's own success is the source's
         ok = predict(model, xs) == ys
-        idx = ok.nonzero().squeeze(1)
-        for i in range(0, idx.numel(), bs):
-            bb = idx[i:i + bs]
-            res = pgd(source, xs[bb], ys[bb], eps=eps, generator=generator)
-            tr_rob[bb] = predict(model, res.x_adv) == ys[bb]
-        tr_rob &= ok
+        crafted = attack_points(source, pgd, xs, ys, eps, generator, bs, clean_correct=ok)
+        tr_rob = ok.clone()
+        tr_rob[ok] = predict(model, crafted.x_adv[ok], bs) == ys[ok]
         tr_ra = float(tr_rob.float().mean())
         fired, value, msg = _stronger("transfer", "transfer", tr_ra, white, cas)
         results.append(CheckResult("transfer_stronger", fired, value,
@@ -236,7 +242,7 @@ def run_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Sequ
         bpda = BPDA(base=_attack("pgd", norm, steps=b["steps"]), surrogate=surrogate)
         g_bpda = torch.Generator(device=generator.device)
         g_bpda.set_state(pgd_state)
-        bp_ra = float(_robust(model, bpda, xs, ys, eps, g_bpda, bs).float().mean())
+        bp_ra = _robust_accuracy(model, bpda, xs, ys, eps, g_bpda, bs)
         fired, value, msg = _stronger("bpda", "bpda", bp_ra, white, cas)
         results.append(CheckResult("bpda_stronger", fired, value,
                                    f"PGD-{b['steps']} through BPDA ({surrogate} surrogate): {bp_ra:.3f} vs white-box "
@@ -244,7 +250,7 @@ def run_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Sequ
     # monotonicity in epsilon and reaching zero
     large = LARGE_EPS[norm] if norm is Norm.LINF else 0.5 * float(xs[0].numel()) ** 0.5
     grid = sorted({eps * f for f in (0.5, 1.0, 2.0)} | {large})
-    ras = [float(_robust(model, _attack("pgd", norm, steps=b["steps"]), xs, ys, e, generator, bs).float().mean())
+    ras = [_robust_accuracy(model, _attack("pgd", norm, steps=b["steps"]), xs, ys, e, generator, bs)
            for e in grid]
     nonmono = any(ras[i + 1] > ras[i] + 0.02 for i in range(len(ras) - 1))
     not_zero = ras[-1] > 0.05

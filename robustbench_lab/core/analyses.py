@@ -10,6 +10,9 @@
   correlation-distance RDMs (``1 - Pearson r`` between the rows of each representation), as the authors'
   ``analysis/RSA.py`` builds them.
 
+Input gradients of the loss are measured here once (:func:`input_gradients`) for every user: the smoothness
+score, the evaluation's ``zero_gradients`` check and the JumpReLU trade-off (:func:`zero_gradient_mask`).
+
 The core stays attack-agnostic: the attack is an argument (any ``Attack`` of the fixed-epsilon family).
 """
 
@@ -24,7 +27,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from robustbench_lab.core.attack_base import Attack
+from robustbench_lab.core.evaluator import attack_points
 from robustbench_lab.core.model import eval_frozen, predict
+from robustbench_lab.core.norms import l2
+
+# An input gradient whose L2 norm is at most this is "exactly zero" (the shattered-gradient symptom: a
+# quantized or jump activation passes no gradient at all, so the norm is 0, not merely small).
+ZERO_GRADIENT_NORM = 1e-12
 
 
 def correlation_rdm(features: torch.Tensor) -> torch.Tensor:
@@ -59,10 +68,11 @@ def rsa(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(rho)
 
 
-def input_gradient_sq_norm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
-    """Per-example squared L2 norm of the cross-entropy's input gradient. ``x`` (B, C, H, W) -> (B,).
+def input_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    """Per-example input gradient of the cross-entropy: ``x`` (N, C, H, W), ``y`` (N,) -> (N, C, H, W).
 
-    Eval mode with frozen parameters (the caller's modes are restored).
+    The loss is summed over each batch, so row i is example i's own gradient whatever the batch size. Eval
+    mode with frozen parameters (the caller's modes are restored).
     """
     out = []
     with eval_frozen(model, warn_train=False):
@@ -70,8 +80,18 @@ def input_gradient_sq_norm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, b
             xb = x[i:i + batch_size].detach().clone().requires_grad_(True)
             loss = F.cross_entropy(model(xb), y[i:i + batch_size], reduction="sum")
             (g,) = torch.autograd.grad(loss, xb)
-            out.append(g.flatten(1).pow(2).sum(1).detach())
-    return torch.cat(out) if out else torch.empty(0, device=x.device)
+            out.append(g.detach())
+    return torch.cat(out) if out else torch.empty_like(x)
+
+
+def input_gradient_sq_norm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    """Per-example squared L2 norm of the cross-entropy's input gradient. ``x`` (B, C, H, W) -> (B,)."""
+    return input_gradients(model, x, y, batch_size).flatten(1).pow(2).sum(1)
+
+
+def zero_gradient_mask(grads: torch.Tensor) -> torch.Tensor:
+    """(N,) bool: which per-example gradients ``grads`` (N, ...) are exactly zero (``ZERO_GRADIENT_NORM``)."""
+    return l2(grads) <= ZERO_GRADIENT_NORM
 
 
 def robustness_profile(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack,
@@ -84,20 +104,18 @@ def robustness_profile(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attac
     Row ``eps = 0`` is the clean point (accuracy and gradient norm at the clean inputs).
     """
     clean = predict(model, x, batch_size) == y
+    every_point = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
     rows = [{"eps": 0.0, "robust_accuracy": float(clean.float().mean()), "attack_success_rate": 0.0,
              "smoothness": float(input_gradient_sq_norm(model, x, y, batch_size).mean()), "n": int(x.shape[0])}]
+    n_correct = int(clean.sum())
     for eps in eps_list:
-        fooled, x_adv = [], []
-        for i in range(0, x.shape[0], batch_size):
-            res = attack(model, x[i:i + batch_size], y[i:i + batch_size], eps=float(eps), generator=generator)
-            fooled.append(res.success)
-            x_adv.append(res.x_adv)
-        fooled_t, xa = torch.cat(fooled), torch.cat(x_adv)
-        robust = clean & ~fooled_t
-        n_correct = int(clean.sum())
-        rows.append({"eps": float(eps), "robust_accuracy": float(robust.float().mean()),
-                     "attack_success_rate": float((clean & fooled_t).sum()) / n_correct if n_correct else float("nan"),
-                     "smoothness": float(input_gradient_sq_norm(model, xa, y, batch_size).mean()),
+        # smoothness is measured at every point's attacked input, so every point is attacked
+        out = attack_points(model, attack, x, y, float(eps), generator, batch_size, mask=every_point,
+                            clean_correct=clean)
+        rows.append({"eps": float(eps), "robust_accuracy": float(out.robust.float().mean()),
+                     "attack_success_rate": (float((clean & out.success).sum()) / n_correct if n_correct
+                                             else float("nan")),
+                     "smoothness": float(input_gradient_sq_norm(model, out.x_adv, y, batch_size).mean()),
                      "n": int(x.shape[0])})
     return pd.DataFrame(rows)
 

@@ -21,17 +21,28 @@ from __future__ import annotations
 import abc
 import dataclasses
 import time
+from enum import Enum
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from robustbench_lab.core.errors import ConfigError
+from robustbench_lab.core.errors import ConfigError, check_choice, check_number
 from robustbench_lab.core.model import eval_frozen
 from robustbench_lab.core.norms import Norm, l2, linf, norm_of, project
 
-FIXED_EPS = "fixed_eps"
-MINIMIZATION = "minimization"
+
+class AttackFamily(str, Enum):
+    """What an attack returns, hence how the template clips and scores it. A ``str`` enum: tables and
+    metrics.json keep the plain values ``"fixed_eps"`` / ``"minimization"``."""
+
+    FIXED_EPS = "fixed_eps"        # a point inside the epsilon ball; scored at that epsilon
+    MINIMIZATION = "minimization"  # the smallest adversarial found; scored at any epsilon
+
+
+# Short names for the two families (modules outside the attack contract import these).
+FIXED_EPS = AttackFamily.FIXED_EPS
+MINIMIZATION = AttackFamily.MINIMIZATION
 
 
 @dataclasses.dataclass
@@ -98,14 +109,17 @@ class Attack(abc.ABC):
     """Base class. Subclasses set ``name`` and ``family`` and implement ``run``."""
 
     name: ClassVar[str] = "attack"
-    family: ClassVar[str] = FIXED_EPS
+    family: ClassVar[AttackFamily] = AttackFamily.FIXED_EPS
     supported_norms: ClassVar[tuple[Norm, ...]] = (Norm.LINF, Norm.L2)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.family = AttackFamily(cls.family)   # a subclass written with the plain string still gets the enum
 
     def __init__(self, *, norm: str | Norm = "linf") -> None:
         self.norm = Norm.parse(norm)
-        if self.norm not in self.supported_norms:
-            raise ConfigError("attack.norm", self.norm.value, [n.value for n in self.supported_norms],
-                              f"{self.name} does not support this norm")
+        check_choice("attack.norm", self.norm.value, [n.value for n in self.supported_norms],
+                     f"{self.name} does not support this norm")
 
     # -- the method -------------------------------------------------------------------------------------
     @abc.abstractmethod
@@ -142,7 +156,7 @@ class Attack(abc.ABC):
             n_nan = int(nan.sum())
             if n_nan:
                 x_adv = torch.where(nan.view(-1, *[1] * (x.dim() - 1)), x, x_adv)
-            if self.family == FIXED_EPS:
+            if self.family == AttackFamily.FIXED_EPS:
                 x_adv = project(x_adv, x, float(eps), self.norm, lower, upper)  # type: ignore[arg-type]
             else:
                 x_adv = x_adv.clamp(lower, upper)
@@ -153,7 +167,7 @@ class Attack(abc.ABC):
         res = AttackResult(x_adv=x_adv, success=fooled.clone(), adv_pred=adv_pred, l2=l2(delta), linf=linf(delta),
                            fooled=fooled, norm=self.norm, n_forward=counting.n_forward,
                            n_backward=counting.n_backward, seconds=seconds, n_nan=n_nan)
-        if self.family == MINIMIZATION and eps is not None:
+        if self.family == AttackFamily.MINIMIZATION and eps is not None:
             res.success = res.success_at(float(eps))
         return res
 
@@ -166,10 +180,17 @@ class Attack(abc.ABC):
             raise ValueError(f"{self.name}: inputs must lie in the model's bounds [{lower}, {upper}], got values in "
                              f"[{float(x.min()):.4g}, {float(x.max()):.4g}] (normalization belongs inside the model)")
         if eps is None:
-            if self.family == FIXED_EPS:
+            if self.family == AttackFamily.FIXED_EPS:
                 raise ConfigError("attack.eps", eps, "a number >= 0", f"{self.name} is a fixed-epsilon attack")
-        elif not (isinstance(eps, (int, float)) and eps >= 0 and eps == eps):
-            raise ConfigError("attack.eps", eps, "a number >= 0 (input space, [0, 1] pixels)")
+        else:
+            check_number("attack.eps", eps, low=0, hint="epsilon is in input space ([0, 1] pixels)")
+
+
+def correct_indices(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Indices (K,) of the rows of ``x`` (B, C, H, W) that ``model`` classifies as ``y``: a minimization
+    attack moves only these and returns the others unchanged. One forward pass (counted inside ``run``)."""
+    with torch.no_grad():
+        return (model(x).argmax(1) == y).nonzero().squeeze(1)
 
 
 def margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from robustbench_lab.core.attack_base import MINIMIZATION, Attack, AttackResult
+from robustbench_lab.core.attack_base import Attack, AttackFamily, AttackResult
 from robustbench_lab.core.model import predict
 from robustbench_lab.core.norms import l2, linf
 
@@ -144,7 +144,8 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Sequen
         counts[atk.name] = {"forward": nf, "backward": nb, "attacked": int(attacked.sum())}
         frames.append(pd.DataFrame({
             "index": ids, "label": y.cpu().numpy(), "clean_pred": clean_pred.cpu().numpy(),
-            "clean_correct": clean_correct.cpu().numpy(), "attack": atk.name, "family": atk.family,
+            "clean_correct": clean_correct.cpu().numpy(), "attack": atk.name,
+            "family": AttackFamily(atk.family).value,
             "norm": atk.norm.value, "attacked": attacked, "adv_pred": adv_pred, "success": success, **cols,
         }))
         log.info("%s: attacked %d points, %d broken, %.1fs", atk.name, int(attacked.sum()), int(success.sum()),
