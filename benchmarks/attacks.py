@@ -54,7 +54,7 @@ EPS_L2 = 0.5
 
 
 def cfg_of(overrides):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(ROOT / "robustbench_lab" / "conf"), version_base="1.3"):
         return compose(config_name="config", overrides=overrides)
 
 

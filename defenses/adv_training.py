@@ -5,7 +5,7 @@ cache entry with standard ones (or with each other across methods, attacks, epsi
 
 Written from the papers; the official Madry (``MadryLab/cifar10_challenge``) and TRADES
 (``yaodongyu/TRADES``) code served as a reference for the published settings (see
-``conf/experiment/adv_training_cifar10.yaml``).
+``robustbench_lab/conf/experiment/adv_training_cifar10.yaml``).
 
 Crafting mode: adversarial examples are crafted with the model in **eval mode** (BatchNorm on its running
 statistics, dropout off), then the model goes back to train mode for the loss. This is the common PyTorch

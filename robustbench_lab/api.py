@@ -115,7 +115,7 @@ def evaluate(model: nn.Module, data: str | tuple[torch.Tensor, torch.Tensor] = "
 
     ``data``: a dataset name (``fashion_mnist``, ``mnist``, ``cifar10``, ``cifar100``, ``svhn``; its test
     split, the same points as the CLI's ``data.n_eval`` subset for the same ``split_seed``) or a tuple
-    ``(x, y)`` of tensors. ``attacks``: attack-config names (``conf/attack``) or ``Attack`` objects, run as
+    ``(x, y)`` of tensors. ``attacks``: attack-config names (``robustbench_lab/conf/attack``) or ``Attack`` objects, run as
     a cascade exactly as the CLI runs ``attacks=[...]`` under one threat model (``norm``, ``eps``; eps None
     for minimal-norm attacks); ``attack_options`` override settings of the named attacks (``{"steps": 50}``).
     ``checks``: ``none``, ``quick`` or ``full``.

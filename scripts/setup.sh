@@ -17,10 +17,10 @@ if [ ! -x .venv/bin/python ]; then
 fi
 
 STAMP=".venv/.robustbench_lab-installed${EXTRA:+-dev}"
-WANT="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+WANT="$(cat pyproject.toml scripts/constraints.txt | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
     echo "[setup] installing Python dependencies (torch 2.14.1 / torchvision 0.29.1 and the rest)"
-    .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".${EXTRA}" 2>&1 \
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".${EXTRA}" -c scripts/constraints.txt 2>&1 \
         | { grep -v "^WARNING: Location" || true; }
     .venv/bin/python -c "import torch, torchvision, hydra, robustbench_lab" \
         || { echo "[setup] the Python environment is incomplete" >&2; exit 1; }

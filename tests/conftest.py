@@ -103,5 +103,5 @@ def compose(overrides: list[str] | None = None, return_hydra_config: bool = Fals
     from hydra import compose as h_compose, initialize_config_dir
 
     import robustbench_lab.app.schema  # noqa: F401  (registers the structured-config schemas in the ConfigStore)
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(ROOT / "robustbench_lab" / "conf"), version_base="1.3"):
         return h_compose(config_name="config", overrides=overrides or [], return_hydra_config=return_hydra_config)

@@ -16,7 +16,7 @@ from robustbench_lab.core.norms import Norm, l2, linf
 
 from conftest import ROOT, compose
 
-ATTACK_CONFIGS = sorted(p.stem for p in (ROOT / "conf" / "attack").glob("*.yaml"))
+ATTACK_CONFIGS = sorted(p.stem for p in (ROOT / "robustbench_lab" / "conf" / "attack").glob("*.yaml"))
 
 
 def _supported(name: str) -> list[str]:

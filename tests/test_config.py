@@ -22,7 +22,7 @@ from conftest import ROOT, compose
 
 
 def options(group: str) -> list[str]:
-    return sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml"))
+    return sorted(p.stem for p in (ROOT / "robustbench_lab" / "conf" / group).glob("*.yaml"))
 
 
 def test_defaults_compose():

@@ -305,7 +305,7 @@ def test_options_are_defined_once():
     """LinearizeOptions is the one definition of the linearize node: the config file documents the same
     defaults, the schema is derived from it, and the parsed default node is the dataclass' defaults."""
     defaults = as_plain(LinearizeOptions())
-    assert OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "linearize" / "default.yaml")) == defaults
+    assert OmegaConf.to_container(OmegaConf.load(ROOT / "robustbench_lab" / "conf" / "linearize" / "default.yaml")) == defaults
     assert OmegaConf.to_container(OmegaConf.structured(schema.LinearizeSchema)) == defaults
     assert parse_options(compose(["logger=none"])) == LinearizeOptions()
     assert LinearizeOptions.from_dict(defaults) == LinearizeOptions()

@@ -372,7 +372,7 @@ def test_configs_controls_and_checkpoint_keys():
 
 
 def test_the_source_network_and_its_recipe_come_from_a_model_card_in_the_config():
-    """The stage source's model card (name, kwargs, train recipe) is composed by Hydra from conf/model: another
+    """The stage source's model card (name, kwargs, train recipe) is composed by Hydra from robustbench_lab/conf/model: another
     source model brings its own recipe, so its key is that of `python run.py model=<name>`."""
     over = ["defense=neural_guidance", "defense/neural_target=model_stage"]
     src = build_defense(compose(over + ["model@defense.neural_target.source=small_cnn"]).defense).source

@@ -1,4 +1,4 @@
-"""Property-based tests (hypothesis) of the attack contract, for every attack config in conf/attack, over
+"""Property-based tests (hypothesis) of the attack contract, for every attack config in robustbench_lab/conf/attack, over
 random input shapes (channels 1-3, sides 4-12, batch 1-6), epsilons, norms, labels and small random models
 (a linear map, an MLP, a tiny CNN with BatchNorm, as ``robustbench_lab.core.model.Classifier``s).
 
@@ -43,7 +43,7 @@ BUDGET = {
     "square": ["attack.n_queries=24"],
     "trust_region": ["attack.iterations=8"],
 }
-ATTACKS = sorted(p.stem for p in (ROOT / "conf" / "attack").glob("*.yaml"))
+ATTACKS = sorted(p.stem for p in (ROOT / "robustbench_lab" / "conf" / "attack").glob("*.yaml"))
 # Limits of the pyautoattack package the attacks wrap (outside the contract; the datasets have 10+ classes
 # and 28 or 32 pixel sides): its targeted DLR loss indexes the 4th-largest logit (IndexError below 4
 # classes), and its L2 Square tiles the image with squares sized from the height, which fails on

@@ -31,7 +31,7 @@ def test_train_schema_mirrors_recipe():
     ("data", "data", schema.DataSchema), ("model", "model", schema.ModelSchema),
     ("paths", "paths", schema.PathsSchema)])
 def test_every_group_option_is_typed(group, key, cls):
-    for p in sorted((ROOT / "conf" / group).glob("*.yaml")):
+    for p in sorted((ROOT / "robustbench_lab" / "conf" / group).glob("*.yaml")):
         cfg = compose([f"{group}={p.stem}", "logger=none"])
         assert OmegaConf.get_type(cfg[key]) is cls, p.name
         if key == "model":
@@ -46,7 +46,7 @@ def test_logger_options_extend_their_schema(name, cls):
     assert OmegaConf.get_type(cfg.logger) is cls and cfg.logger.name == name
 
 
-@pytest.mark.parametrize("opt", sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")) +
+@pytest.mark.parametrize("opt", sorted(p.stem for p in (ROOT / "robustbench_lab" / "conf" / "experiment").glob("*.yaml")) +
                          ["defense=adv_training", "defense=trades", "defense=jumprelu"])
 def test_experiments_and_global_defenses_fit_the_schema(opt):
     cfg = compose([opt if "=" in opt else f"experiment={opt}"])

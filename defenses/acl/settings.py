@@ -73,7 +73,7 @@ class PretrainConfig:
     """Pre-training settings (``defense.pretrain.*``); all enter the encoder's cache key.
 
     Defaults are the authors' CIFAR-10 values except ``epochs``/``batch_size``/``max_train`` (CPU-sized in
-    ``conf/defense/acl.yaml``). ``crop_scale: null`` picks per dataset: (0.1, 1) on colour data (the paper),
+    ``robustbench_lab/conf/defense/acl.yaml``). ``crop_scale: null`` picks per dataset: (0.1, 1) on colour data (the paper),
     (0.3, 1) on grayscale data (see ``docs/acl.md``: a 10%-area crop of a 28 x 28 image is a 9 x 9 patch).
     ``hflip: null`` follows the data card (no flips on digits).
     """

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 class NeuralGuidance(Defense):
     """Neural guidance as a defense: a training procedure (``alpha > 0``) plus measurements in the transform.
 
-    ``neural_target``: a target source (a ``conf/defense/neural_target`` node: ``file``, ``v1_gabor``,
+    ``neural_target``: a target source (a ``robustbench_lab/conf/defense/neural_target`` node: ``file``, ``v1_gabor``,
     ``model_stage``); ``alpha`` in [0, 1]; ``layer``: ``penultimate`` or a module name of the model;
     ``pool``: pooled size of a 4-D layer; ``predictor``: ``PredictorSpec`` fields (``mode``: direct / trained /
     random / shuffled); ``analysis``: ``AnalysisSpec`` fields; ``seed``: the head's initialisation;

@@ -64,7 +64,7 @@ class StageOutput(nn.Module):
 
 @dataclasses.dataclass(frozen=True)
 class SourceNetwork:
-    """``defense.neural_target.source``: the source network as a model card node (``conf/model/<name>.yaml``,
+    """``defense.neural_target.source``: the source network as a model card node (``robustbench_lab/conf/model/<name>.yaml``,
     which the config's defaults bring): zoo ``name``, ``kwargs``, ``train`` (its recipe; needed unless
     ``checkpoint`` is given), ``train_seed`` (an integer: the source does not follow the run's seed, so every
     cell of a seed sweep shares one source), ``checkpoint`` (a weights file instead of the cache)."""
@@ -108,7 +108,7 @@ class ModelStageTarget(TargetSource):
                               "an existing weights file of the source architecture")
         if src.train is None and not self.checkpoint:
             raise ConfigError(f"{key}.source.train", None, "the source network's training recipe (a model card's "
-                              "train node; the config brings conf/model/<name>.yaml's)")
+                              "train node; the config brings robustbench_lab/conf/model/<name>.yaml's)")
         self.recipe = None if src.train is None else Recipe.from_config(src.train, key=f"{key}.source.train")
         self.data = dict(data or {"name": "fashion_mnist", "n_val": 5000, "split_seed": 0})
         for k in ("name", "n_val", "split_seed"):

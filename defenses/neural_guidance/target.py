@@ -1,6 +1,6 @@
 """The target-source base: a source's fit data through the pipeline and the predictor to a fitted target.
 
-Every source (``conf/defense/neural_target/*.yaml``) runs the authors' four steps (``pipeline``: repeats,
+Every source (``robustbench_lab/conf/defense/neural_target/*.yaml``) runs the authors' four steps (``pipeline``: repeats,
 z-score, PCA; ``predictor``: step 4) on its own fit data. Surrogates are not brain data: their
 ``source_kind`` is ``"surrogate"`` and their labels end in ``"(model-derived)"``, in every table and plot.
 """

@@ -227,7 +227,7 @@ try:   # the Hydra callback (Hydra is installed wherever run.py runs)
 
     class WriteHierarchyOnMultirunEnd(StudyTableOnMultirunEnd):
         """Writes hierarchy_table.csv/.md and the ng_*.png plots into the sweep directory after the last job
-        (conf/experiment/neural_guidance_hierarchy.yaml); the by-level robust plot uses the run's attack.eps
+        (robustbench_lab/conf/experiment/neural_guidance_hierarchy.yaml); the by-level robust plot uses the run's attack.eps
         when it is one of the analysis radii, else 0.02."""
 
         what = "neural-guidance hierarchy table"

@@ -25,7 +25,7 @@ from robustbench_lab.core.recipe import Recipe
 from robustbench_lab.core.train import get_or_train
 from robustbench_lab.core.train import checkpoint_spec as train_checkpoint_spec
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 def build_attack(cfg: DictConfig, key: str = "attack") -> tuple[Attack, float | None]:
@@ -83,7 +83,7 @@ def build_attacks(cfg: DictConfig) -> tuple[list[Attack], float | None, str]:
 
 
 def attack_from_name(name: str, norm: str, eps: float | None, key: str, **overrides: Any) -> tuple[Attack, float | None]:
-    """The attack of ``conf/attack/<name>.yaml`` under the threat model (``norm``, ``eps``), with
+    """The attack of ``robustbench_lab/conf/attack/<name>.yaml`` under the threat model (``norm``, ``eps``), with
     ``overrides`` of its options; ``key`` names it in errors (``attacks[1]``, ``checks.square``)."""
     available = sorted(p.stem for p in (CONF_DIR / "attack").glob("*.yaml"))
     if name not in available:

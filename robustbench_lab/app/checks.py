@@ -4,7 +4,7 @@ The field's checklist (Carlini et al. 2019, "On Evaluating Adversarial Robustnes
 automated. The level is a ``CheckLevel``, parsed once where ``run_checks`` receives it. Each check has a name, a documentation page ``docs/checks/<name>.md`` ("raised when / what it
 means / what to do"), a value recorded in ``metrics.json`` under ``checks``, and a visible warning when it
 fires. Checks that need extra attacks run them at a small budget on a subset of the evaluated points; the
-extra attacks are built from the same attack configs as everything else (``conf/attack``).
+extra attacks are built from the same attack configs as everything else (``robustbench_lab/conf/attack``).
 """
 
 from __future__ import annotations

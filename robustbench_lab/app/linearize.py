@@ -68,7 +68,7 @@ def build_perturbation_attack(cfg: DictConfig) -> tuple[Attack, float | None]:
     node = cfg.linearize.perturbation.get("attack")
     if node is None or not OmegaConf.is_dict(node):
         raise ConfigError("linearize.perturbation.attack", node, "an attack node with _target_ (as in "
-                          "conf/attack/*.yaml), norm l2")
+                          "robustbench_lab/conf/attack/*.yaml), norm l2")
     atk, eps = build_attack(node, key="linearize.perturbation.attack")
     if atk.norm is not Norm.L2:
         raise ConfigError("linearize.perturbation.attack.norm", atk.norm.value, ["l2"],

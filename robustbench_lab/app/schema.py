@@ -1,6 +1,6 @@
 """Structured-config schemas: the types of every config key that has one fixed shape.
 
-Registered in Hydra's ConfigStore and used as the base of ``conf/config.yaml`` (``base_config``), so the
+Registered in Hydra's ConfigStore and used as the base of ``robustbench_lab/conf/config.yaml`` (``base_config``), so the
 group options (``data/``, ``model/`` with its ``train:`` recipe, ``paths/``) merge into typed nodes and the
 two ``logger/`` options extend their own schema (``schema/logger/<name>``). A typo'd key or a value of the
 wrong type then fails *at composition*, on the command line or in a YAML file, with Hydra's error naming
@@ -116,13 +116,13 @@ class NoLoggerSchema:
     group: Optional[str] = None   # run.py sets it in a multirun for whichever logger; unused here
 
 
-# The ``linearize`` node (task=linearize), derived from the analysis' own options; docs: conf/linearize/default.yaml.
+# The ``linearize`` node (task=linearize), derived from the analysis' own options; docs: robustbench_lab/conf/linearize/default.yaml.
 LinearizeSchema = _schema_of(LinearizeOptions, "LinearizeSchema")
 
 
 @dataclass
 class Config:
-    """The primary config. Defaults live in conf/config.yaml; these are the types."""
+    """The primary config. Defaults live in robustbench_lab/conf/config.yaml; these are the types."""
 
     data: DataSchema = MISSING
     model: ModelSchema = MISSING

@@ -2,7 +2,7 @@
 
 ``LinearizeOptions`` and its nested ``StageOptions``, ``SweepOptions`` and ``PerturbationOptions`` are the
 only definition of the ``linearize`` config node: the config schema is derived from them
-(``robustbench_lab.app.schema``), ``conf/linearize/default.yaml`` documents the same defaults (a test keeps
+(``robustbench_lab.app.schema``), ``robustbench_lab/conf/linearize/default.yaml`` documents the same defaults (a test keeps
 the two in step), and ``LinearizeOptions.from_dict`` checks a plain mapping field by field with the check
 each field declares, so a ConfigError names the full key (``linearize.stages.k``), the bad value and the
 allowed values. Plain values only (no torch, no Hydra): the schema module imports this before any model code.
@@ -127,7 +127,7 @@ class PerturbationOptions:
     """The perturbations pushed through the network (propagation and energy).
 
     ``attack``: the spec of the L2 attack that makes the adversarial d (a mapping with ``_target_``, as
-    conf/attack/*.yaml), built by the application; ``l2``: None gives the random d each image's adversarial
+    robustbench_lab/conf/attack/*.yaml), built by the application; ``l2``: None gives the random d each image's adversarial
     norm, a number rescales both to it.
     """
 
@@ -137,7 +137,7 @@ class PerturbationOptions:
 
 @dataclasses.dataclass(frozen=True)
 class LinearizeOptions:
-    """Every option of the analysis; conf/linearize/default.yaml says what each one means."""
+    """Every option of the analysis; robustbench_lab/conf/linearize/default.yaml says what each one means."""
 
     backend: str = _opt("torch", _choice(BACKENDS))
     boundary: str = _opt("pre", _choice(BOUNDARY_OPTIONS))

@@ -1,0 +1,95 @@
+"""The evaluate task: config -> data -> model (trained or cached) -> defense -> attacks -> checks -> results.
+
+``run_evaluation(cfg, run_dir)`` is a plain function (no Hydra inside), so tests and other entry points can
+call it with a composed config; ``app.execute`` wraps it with resumable cells and failure capture.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from robustbench_lab.app.builders import build_attacks, build_defense, check_model_config, load_model
+from robustbench_lab.app.assess import assess, finish, write_assessment
+from robustbench_lab.app.cells import config_hash, settings
+from robustbench_lab.app.tracking import make_tracker, run_name
+from robustbench_lab.app.validate import validate
+from robustbench_lab.core import data as data_mod
+from robustbench_lab.core.device import resolve_device
+from robustbench_lab.core.results import ResultWriter
+from robustbench_lab.core.recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+
+def run_evaluation(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Run one evaluation into ``run_dir``. Returns the metrics (also written as ``metrics.json``, last).
+    ``overrides``: the command-line overrides that made this run (recorded with the results)."""
+    t_start = time.time()
+    run_dir = Path(run_dir)
+    validate(cfg)
+    device = resolve_device(cfg.device)
+    attacks, eps, attack_label = build_attacks(cfg)
+    defense = build_defense(cfg.defense)
+    recipe = Recipe.from_config(cfg.model.get("train"))
+    tracker = make_tracker(cfg.get("logger"))
+    tracker.start(config=OmegaConf.to_container(cfg, resolve=True), run_dir=run_dir,
+                  name=run_name(f"{attack_label}-{cfg.defense.name}-{cfg.model.name}-s{cfg.seed}", overrides),
+                  group=cfg.logger.get("group") if cfg.get("logger") else None,
+                  tags=[f"attack:{a.name}" for a in attacks] + [f"defense:{cfg.defense.name}", f"model:{cfg.model.name}",
+                        f"data:{cfg.data.name}"])
+    exit_code = 1
+    try:
+        metrics = _evaluate(cfg, run_dir, device, attacks, attack_label, eps, defense, recipe, tracker, t_start,
+                            overrides)
+        exit_code = 0
+        return metrics
+    finally:
+        tracker.finish(exit_code)
+
+
+def _evaluate(cfg, run_dir, device, attacks, attack_label, eps, defense, recipe, tracker, t_start,
+              overrides) -> dict[str, Any]:
+    torch.manual_seed(int(cfg.seed))
+    check_model_config(cfg)
+    splits = data_mod.load_splits(cfg.data.name, cfg.data.root, bool(cfg.data.download), int(cfg.data.n_val),
+                                  int(cfg.data.n_eval), int(cfg.data.split_seed))
+    model, ckpt_info = load_model(cfg, device, defense, recipe, splits)
+    writer = ResultWriter(run_dir)
+    defended = defense.transform(model, {"splits": splits, "device": device, "cfg": cfg, "run_dir": run_dir,
+                                         "writer": writer, "seed": int(cfg.seed),
+                                         "cache_dir": Path(cfg.paths.cache_dir)})
+    defended.to(device).eval()
+
+    x = data_mod.to_float(splits.x_eval).to(device)
+    y = splits.y_eval.to(device)
+    a = assess(defended, x, y, attacks, eps, int(cfg.seed), int(cfg.batch_size), str(cfg.get("checks", "quick")),
+               indices=splits.eval_indices.tolist())
+    metrics: dict[str, Any] = {
+        "dataset": cfg.data.name, "model": cfg.model.name, "defense": cfg.defense.name, "attack": attack_label,
+        **a.metrics, "seed": int(cfg.seed), "device": str(device),
+        "defense_config": defense.describe(), **ckpt_info,
+        "torch_version": torch.__version__, "python": platform.python_version(),
+        "pid": os.getpid(), "started_at": t_start,
+        "overrides": list(overrides or []), "settings": settings(cfg),
+        "attack_config_hash": config_hash(cfg.attack), "defense_config_hash": config_hash(cfg.defense),
+    }
+    sections = write_assessment(writer, a, metrics, f"{attack_label} on {cfg.model.name}/{cfg.data.name}",
+                                cfg.data.name, splits.card.class_names)
+    final = finish(writer, metrics, sections, t_start)
+    table = a.evaluation.table
+    tracker.log_metrics({"clean/accuracy": metrics["clean_accuracy"], "robust/accuracy": metrics["robust_accuracy"],
+                         **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
+    tracker.log_table("per_example", table)
+    for name in ("examples.png", "robust_accuracy_curve.png"):
+        if (run_dir / name).is_file():
+            tracker.log_image(name.split(".")[0], run_dir / name)
+    log.info("results: %s", final.parent)
+    return metrics

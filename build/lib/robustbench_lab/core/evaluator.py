@@ -1,0 +1,197 @@
+"""The evaluator owns the robust mask: the cascade over attacks and the per-example worst case.
+
+A point is robust only if it is classified correctly and every attack fails on it (RobustBench/AutoAttack).
+Each attack runs only on the points still robust; robust accuracy is over all evaluated points.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from robustbench_lab.core.attack_base import Attack, AttackFamily, AttackResult
+from robustbench_lab.core.model import predict
+from robustbench_lab.core.norms import l2, linf
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Evaluation:
+    """Per-example table (one row per example x attack) and the worst-case adversarial batch."""
+
+    table: pd.DataFrame
+    x_adv: torch.Tensor            # per example: the first successful adversarial, else the clean input
+    clean_pred: torch.Tensor
+    robust: torch.Tensor           # (N,) bool, the final robust mask
+    attack_seconds: dict[str, float]
+    attack_counts: dict[str, dict[str, int]]
+    n_nan: int
+
+    def per_example(self) -> pd.DataFrame:
+        """One row per example: the worst case over attacks."""
+        t = self.table
+        first = t[t["success"]].drop_duplicates("index", keep="first").set_index("index")
+        base = t.drop_duplicates("index", keep="first").set_index("index")[["label", "clean_pred", "clean_correct"]]
+        out = base.copy()
+        out["robust"] = self.robust.cpu().numpy()
+        out["broken_by"] = first["attack"].reindex(out.index)
+        for c in ("adv_pred", "l2", "linf", "rel_l2", "rel_linf"):
+            out[c] = first[c].reindex(out.index)
+        return out.reset_index()
+
+
+@dataclasses.dataclass
+class AttackOutcome:
+    """One attack on a set of N points, batch by batch (``attack_points``). Points not attacked keep their
+    clean input in ``x_adv``, ``success`` False, and zero norms."""
+
+    clean_correct: torch.Tensor   # (N,) bool
+    attacked: torch.Tensor        # (N,) bool
+    success: torch.Tensor         # (N,) bool, the template's recomputed success
+    fooled: torch.Tensor          # (N,) bool, misclassified at the returned point (at any size)
+    x_adv: torch.Tensor           # (N, C, H, W)
+    adv_pred: torch.Tensor        # (N,) predictions at x_adv (clean prediction where not attacked)
+    l2: torch.Tensor              # (N,)
+    linf: torch.Tensor            # (N,)
+    n_forward: int
+    n_backward: int
+    n_nan: int
+
+    @property
+    def robust(self) -> torch.Tensor:
+        """Clean-correct and not fooled: the per-example robustness under this attack."""
+        return self.clean_correct & ~self.success
+
+
+def attack_points(model: nn.Module, attack: Attack, x: torch.Tensor, y: torch.Tensor, eps: float | None,
+                  generator: torch.Generator, batch_size: int = 500, mask: torch.Tensor | None = None,
+                  clean_correct: torch.Tensor | None = None) -> AttackOutcome:
+    """Attack the points of ``x`` (N, C, H, W) in [0, 1] selected by ``mask`` (default: the points ``model``
+    classifies correctly) in batches of ``batch_size``, in index order. The one loop behind every robust
+    accuracy the harness reports (the evaluator's cascade, the sanity checks, defenses' own measurements).
+    """
+    n = x.shape[0]
+    if clean_correct is None:
+        clean_correct = predict(model, x, batch_size) == y
+    todo = (clean_correct if mask is None else mask).nonzero().squeeze(1)
+    attacked = torch.zeros(n, dtype=torch.bool, device=x.device)
+    success = torch.zeros_like(attacked)
+    fooled = torch.zeros_like(attacked)
+    x_adv = x.clone()
+    adv_pred = torch.zeros(n, dtype=torch.long, device=x.device)
+    norms = {"l2": torch.zeros(n, device=x.device), "linf": torch.zeros(n, device=x.device)}
+    nf = nb = n_nan = 0
+    for i in range(0, todo.numel(), batch_size):
+        b = todo[i:i + batch_size]
+        res: AttackResult = attack(model, x[b], y[b], eps=eps, generator=generator)
+        nf += res.n_forward
+        nb += res.n_backward
+        n_nan += res.n_nan
+        attacked[b] = True
+        success[b] = res.success
+        fooled[b] = res.fooled
+        x_adv[b] = res.x_adv
+        adv_pred[b] = res.adv_pred
+        norms["l2"][b] = res.l2
+        norms["linf"][b] = res.linf
+    return AttackOutcome(clean_correct, attacked, success, fooled, x_adv, adv_pred, norms["l2"], norms["linf"],
+                         nf, nb, n_nan)
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Sequence[Attack],
+             eps: float | None, generator: torch.Generator, batch_size: int = 500,
+             indices: Sequence[int] | None = None) -> Evaluation:
+    """Run ``attacks`` as a cascade on ``x`` (N, C, H, W) in [0, 1], labels ``y`` (N,).
+
+    ``indices`` are the examples' ids in the source dataset (recorded in the table). A minimization attack
+    called with ``eps=None`` is scored on misclassification alone (its norms then give the whole
+    robust-accuracy-vs-epsilon curve).
+    """
+    n = x.shape[0]
+    dev = x.device
+    ids = np.asarray(indices if indices is not None else range(n))
+    clean_pred = predict(model, x, batch_size)
+    clean_correct = clean_pred == y
+    robust = clean_correct.clone()
+    x_worst = x.clone()
+    x_norm_l2 = l2(x).clamp_min(1e-12)
+    x_norm_linf = linf(x).clamp_min(1e-12)
+    frames = []
+    seconds: dict[str, float] = {}
+    counts: dict[str, dict[str, int]] = {}
+    n_nan = 0
+    for atk in attacks:
+        t0 = time.perf_counter()
+        out = attack_points(model, atk, x, y, eps, generator, batch_size, mask=robust, clean_correct=clean_correct)
+        n_nan += out.n_nan
+        x_worst[out.success] = out.x_adv[out.success]
+        robust &= ~out.success
+        attacked = out.attacked.cpu().numpy()
+        success = out.success.cpu().numpy()
+        adv_pred = torch.where(out.attacked, out.adv_pred, clean_pred).cpu().numpy()
+        cols = {k: np.where(attacked, v.cpu().numpy(), np.nan) for k, v in
+                (("l2", out.l2), ("linf", out.linf), ("rel_l2", out.l2 / x_norm_l2), ("rel_linf", out.linf / x_norm_linf))}
+        nf, nb = out.n_forward, out.n_backward
+        seconds[atk.name] = time.perf_counter() - t0
+        counts[atk.name] = {"forward": nf, "backward": nb, "attacked": int(attacked.sum())}
+        frames.append(pd.DataFrame({
+            "index": ids, "label": y.cpu().numpy(), "clean_pred": clean_pred.cpu().numpy(),
+            "clean_correct": clean_correct.cpu().numpy(), "attack": atk.name,
+            "family": AttackFamily(atk.family).value,
+            "norm": atk.norm.value, "attacked": attacked, "adv_pred": adv_pred, "success": success, **cols,
+        }))
+        log.info("%s: attacked %d points, %d broken, %.1fs", atk.name, int(attacked.sum()), int(success.sum()),
+                 seconds[atk.name])
+    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    return Evaluation(table, x_worst, clean_pred, robust, seconds, counts, n_nan)
+
+
+def robust_accuracy_curve(norms_if_fooled: np.ndarray, clean_correct: np.ndarray,
+                          eps_grid: Sequence[float]) -> pd.DataFrame:
+    """Robust accuracy at every epsilon from per-example minimal norms (1 - CDF), over all points.
+
+    ``norms_if_fooled`` holds each example's minimal adversarial norm, +inf where no adversarial was found
+    (and for clean-misclassified points it is irrelevant: they count as non-robust at every epsilon).
+    """
+    norms = np.where(clean_correct, norms_if_fooled, -np.inf)
+    rows = [{"eps": float(e), "robust_accuracy": float(np.mean(norms > e * (1 + 1e-6) + 1e-7))} for e in eps_grid]
+    return pd.DataFrame(rows)
+
+
+def summarize(ev: Evaluation, attacks: Sequence[Attack], eps: float | None) -> dict[str, Any]:
+    """The headline metrics of an evaluation (see docs/metrics.md for definitions)."""
+    n = int(ev.robust.numel())
+    cc = ev.table.drop_duplicates("index")["clean_correct"].to_numpy()
+    pe = ev.per_example()
+    broken = pe[pe["broken_by"].notna()]
+    n_cc = int(cc.sum())
+    grads = sum(c["backward"] for c in ev.attack_counts.values())
+    fwds = sum(c["forward"] for c in ev.attack_counts.values())
+    n_attacked = max((c["attacked"] for c in ev.attack_counts.values()), default=0)
+    rel_paper = np.zeros(n)
+    broken_pos = pe.index[pe["broken_by"].notna()].to_numpy()
+    rel_paper[broken_pos] = pe.loc[broken_pos, "rel_l2"].to_numpy()
+    return {
+        "n_examples": n,
+        "clean_accuracy": float(cc.mean()) if n else float("nan"),
+        "robust_accuracy": float(ev.robust.float().mean()) if n else float("nan"),
+        "attack_success_rate": float(len(broken) / n_cc) if n_cc else float("nan"),
+        "median_l2": float(broken["l2"].median()) if len(broken) else float("nan"),
+        "median_linf": float(broken["linf"].median()) if len(broken) else float("nan"),
+        "mean_l2": float(broken["l2"].mean()) if len(broken) else float("nan"),
+        "mean_linf": float(broken["linf"].mean()) if len(broken) else float("nan"),
+        "mean_rel_l2": float(broken["rel_l2"].mean()) if len(broken) else float("nan"),
+        "mean_rel_linf": float(broken["rel_linf"].mean()) if len(broken) else float("nan"),
+        "grad_evals_per_example": float(grads / n_attacked) if n_attacked else 0.0,
+        "forward_evals_per_example": float(fwds / n_attacked) if n_attacked else 0.0,
+        "attack_seconds": float(sum(ev.attack_seconds.values())),
+        "nan_count": int(ev.n_nan),
+    }
