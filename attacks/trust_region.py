@@ -237,6 +237,8 @@ class TrustRegion(Attack):
         def hvp(v: torch.Tensor) -> torch.Tensor:
             # Examples are independent (eval mode), so one backward of sum_i g_i.v_i gives every H_i v_i.
             (hv,) = torch.autograd.grad((g * v.to(g.dtype)).sum(), xg, retain_graph=True)
+            if hasattr(model, "count_hvp"):   # the template's counting proxy: one product per example
+                model.count_hvp(xg.shape[0])
             return hv.detach().double()
 
         # The CG arithmetic runs in float64: near a confident prediction g and Hv are ~1e-10 and their

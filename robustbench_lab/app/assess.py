@@ -48,7 +48,7 @@ def assess(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Sequence
     t_chk = time.time()
     check_gen = torch.Generator(device=x.device).manual_seed(int(seed) + CHECK_SEED_OFFSET)
     chk = checks_report(run_checks(model, x, y, attacks, eps, ev.robust, ev.x_adv, ev.n_nan, str(checks), check_gen,
-                                   int(batch_size), table=ev.table))
+                                   int(batch_size), table=ev.table, raw=ev.attack_counts))
     chk["checks_seconds"] = time.time() - t_chk
     metrics: dict[str, Any] = {
         "norm": attacks[-1].norm.value, "eps": eps, **summ,
@@ -73,6 +73,7 @@ def write_assessment(writer: ResultWriter, a: Assessment, metrics: dict[str, Any
         norms = np.where(pe["broken_by"].notna(), pe["linf" if norm is Norm.LINF else "l2"], np.inf)
         finite = norms[np.isfinite(norms)]
         top = float(np.quantile(finite, 0.99)) * 1.1 if finite.size else 1.0
+        top = float(a.eps) if a.eps is not None else top   # with an epsilon the curve stops there
         curve = robust_accuracy_curve(norms, pe["clean_correct"].to_numpy(), np.linspace(0, top, 41))
         writer.write_csv("robust_accuracy_curve.csv", curve)
         plot_curve(writer.path("robust_accuracy_curve.png"), curve, title, f"epsilon ({norm.value})")

@@ -113,17 +113,32 @@ def randomized_output(model: nn.Module, x: torch.Tensor, repeats: int = 3) -> Ch
                        else "repeated forward passes agree")
 
 
+RAW_TOLERANCE = 1e-6   # how far an attack's own output may leave the ball or the box (float rounding)
+
+
 def audit(x: torch.Tensor, x_adv: torch.Tensor, norm: Norm, eps: float | None, n_nan: int,
-          is_fixed_eps: bool) -> CheckResult:
+          is_fixed_eps: bool, raw: dict[str, dict[str, Any]] | None = None) -> CheckResult:
+    """The final audit line (AutoAttack's): the largest perturbation per norm, NaN count, value range of the
+    scored adversarials; and, per attack, how far the method's own output left the ball and the box before
+    the template clipped it (``raw``: the evaluation's per-attack counts). Anything beyond float rounding
+    there is a bug in that attack, which clipping would otherwise hide."""
     d = x_adv - x
     v = {"max_linf": float(linf(d).max()) if d.numel() else 0.0, "max_l2": float(l2(d).max()) if d.numel() else 0.0,
          "nan_count": int(n_nan), "min_value": float(x_adv.min()) if d.numel() else 0.0,
          "max_value": float(x_adv.max()) if d.numel() else 0.0}
     over = eps is not None and is_fixed_eps and (v["max_linf" if norm is Norm.LINF else "max_l2"] > eps * (1 + 1e-5) + 1e-6)
     box = v["min_value"] < 0 or v["max_value"] > 1
-    fired = bool(over or box or n_nan)
+    v["raw_output"] = {name: {k: c.get(k, 0) for k in ("raw_ball_violation", "raw_box_violation", "n_projected")}
+                       for name, c in (raw or {}).items()}
+    buggy = {name: r for name, r in v["raw_output"].items()
+             if max(r["raw_ball_violation"], r["raw_box_violation"]) > RAW_TOLERANCE}
+    fired = bool(over or box or n_nan or buggy)
     msg = (f"max perturbation: L-inf {v['max_linf']:.4g}, L2 {v['max_l2']:.4g}; NaN: {n_nan}; adversarial "
            f"values in [{v['min_value']:.3g}, {v['max_value']:.3g}]")
+    for name, r in buggy.items():
+        msg += (f"; BUG in attack {name}: its output left the {'ball' if r['raw_ball_violation'] > RAW_TOLERANCE else 'box'}"
+                f" by up to {max(r['raw_ball_violation'], r['raw_box_violation']):.3g} ({r['n_projected']} points "
+                f"moved back by the harness)")
     return CheckResult("audit", fired, v, msg)
 
 
@@ -176,17 +191,18 @@ def cascade_evidence(attacks: Sequence[Attack], table: pd.DataFrame | None, n: i
 def run_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Sequence[Attack], eps: float | None,
                main_robust: torch.Tensor, x_adv: torch.Tensor, n_nan: int, level: CheckLevel | str,
                generator: torch.Generator, batch_size: int = 500,
-               table: pd.DataFrame | None = None) -> list[CheckResult]:
+               table: pd.DataFrame | None = None, raw: dict[str, dict[str, Any]] | None = None) -> list[CheckResult]:
     """Run the checks at ``level`` on the evaluated points ``x`` (N, C, H, W), ``y`` (N,).
 
     ``main_robust`` is the evaluation's robust mask, ``x_adv`` its worst-case adversarial batch, ``table`` its
-    per-example table (one row per example x attack). The white-box baseline the black-box, transfer and BPDA
+    per-example table (one row per example x attack), ``raw`` its per-attack counts (raw-output figures for the
+    audit). The white-box baseline the black-box, transfer and BPDA
     checks compare against is the run's white-box attacks alone: a cascade that already contains Square or
     BPDA must not hide the gap between them and the white-box attacks.
     """
     level = CheckLevel.parse(level)
     norm = attacks[0].norm
-    results = [audit(x, x_adv, norm, eps, n_nan, all(a.family == AttackFamily.FIXED_EPS for a in attacks))]
+    results = [audit(x, x_adv, norm, eps, n_nan, all(a.family == AttackFamily.FIXED_EPS for a in attacks), raw)]
     if level is CheckLevel.NONE:
         return results
     b = BUDGETS[level]

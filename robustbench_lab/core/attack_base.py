@@ -7,7 +7,8 @@ model exists. Model, inputs, labels, epsilon and a ``torch.Generator`` come at c
 1. validate inputs (shapes, [0, 1] box, epsilon);
 2. put the model in eval mode with frozen parameters (restored afterwards);
 3. run the method on a counting proxy of the model (forward/backward passes per example are counted);
-4. clip the returned batch into the box (and, for fixed-epsilon attacks, onto the epsilon ball);
+4. record how far the method's own output left the box (and, for fixed-epsilon attacks, the epsilon ball):
+   the audit reports any violation as a bug in the attack; then clip the batch into them;
 5. recompute success with a fresh forward pass on exactly the returned tensor: an attack's own success
    flag is never trusted.
 
@@ -67,6 +68,10 @@ class AttackResult:
     n_backward: int
     seconds: float
     n_nan: int = 0
+    n_hvp: int = 0                     # Hessian-vector products (second-order methods), summed over examples
+    raw_ball_violation: float = 0.0    # how far the method's own output left the epsilon ball (fixed-eps) ...
+    raw_box_violation: float = 0.0     # ... and the box, before the template clipped it: > 1e-6 is a bug
+    n_projected: int = 0               # points the template had to move
 
     @property
     def norms(self) -> torch.Tensor:
@@ -85,6 +90,11 @@ class CountingModel(nn.Module):
         self.model = model
         self.n_forward = 0
         self.n_backward = 0
+        self.n_hvp = 0
+
+    def count_hvp(self, n: int) -> None:
+        """Second-order methods call this once per batch of ``n`` Hessian-vector products."""
+        self.n_hvp += int(n)
 
     def _count_backward(self, n: int):
         def hook(grad: torch.Tensor) -> torch.Tensor:
@@ -156,17 +166,23 @@ class Attack(abc.ABC):
             n_nan = int(nan.sum())
             if n_nan:
                 x_adv = torch.where(nan.view(-1, *[1] * (x.dim() - 1)), x, x_adv)
+            raw = x_adv
             if self.family == AttackFamily.FIXED_EPS:
                 x_adv = project(x_adv, x, float(eps), self.norm, lower, upper)  # type: ignore[arg-type]
+                ball = float((norm_of(raw - x, self.norm) - float(eps)).max().clamp_min(0)) if x.numel() else 0.0
             else:
                 x_adv = x_adv.clamp(lower, upper)
+                ball = 0.0
+            box = float(torch.maximum(lower - raw, raw - upper).max().clamp_min(0)) if x.numel() else 0.0
+            moved = int(((x_adv - raw).reshape(x.shape[0], -1).abs().amax(1) > 1e-6).sum()) if x.numel() else 0
             with torch.no_grad():
                 adv_pred = model(x_adv).argmax(1)
         fooled = adv_pred != y
         delta = x_adv - x
         res = AttackResult(x_adv=x_adv, success=fooled.clone(), adv_pred=adv_pred, l2=l2(delta), linf=linf(delta),
                            fooled=fooled, norm=self.norm, n_forward=counting.n_forward,
-                           n_backward=counting.n_backward, seconds=seconds, n_nan=n_nan)
+                           n_backward=counting.n_backward, seconds=seconds, n_nan=n_nan, n_hvp=counting.n_hvp,
+                           raw_ball_violation=ball, raw_box_violation=box, n_projected=moved)
         if self.family == AttackFamily.MINIMIZATION and eps is not None:
             res.success = res.success_at(float(eps))
         return res

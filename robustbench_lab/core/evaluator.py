@@ -18,7 +18,7 @@ from torch import nn
 
 from robustbench_lab.core.attack_base import Attack, AttackFamily, AttackResult
 from robustbench_lab.core.model import predict
-from robustbench_lab.core.norms import l2, linf
+from robustbench_lab.core.norms import Norm, l2, linf
 
 log = logging.getLogger(__name__)
 
@@ -28,17 +28,22 @@ class Evaluation:
     """Per-example table (one row per example x attack) and the worst-case adversarial batch."""
 
     table: pd.DataFrame
-    x_adv: torch.Tensor            # per example: the first successful adversarial, else the clean input
+    x_adv: torch.Tensor            # per example: the adversarial that broke it (see ``ensemble``), else the clean input
     clean_pred: torch.Tensor
     robust: torch.Tensor           # (N,) bool, the final robust mask
     attack_seconds: dict[str, float]
-    attack_counts: dict[str, dict[str, int]]
+    attack_counts: dict[str, dict[str, Any]]
     n_nan: int
+    ensemble: str | None = None    # minimal-norm ensemble: the norm column ("l2"/"linf") the smallest is taken in
 
     def per_example(self) -> pd.DataFrame:
-        """One row per example: the worst case over attacks."""
+        """One row per example: the worst case over attacks (a cascade: the first attack that broke it; a
+        minimal-norm ensemble: the member with the smallest successful perturbation)."""
         t = self.table
-        first = t[t["success"]].drop_duplicates("index", keep="first").set_index("index")
+        hits = t[t["success"]]
+        if self.ensemble:
+            hits = hits.sort_values([self.ensemble, "attack_order"], kind="stable")
+        first = hits.drop_duplicates("index", keep="first").set_index("index")
         base = t.drop_duplicates("index", keep="first").set_index("index")[["label", "clean_pred", "clean_correct"]]
         out = base.copy()
         out["robust"] = self.robust.cpu().numpy()
@@ -64,6 +69,10 @@ class AttackOutcome:
     n_forward: int
     n_backward: int
     n_nan: int
+    n_hvp: int = 0
+    raw_ball_violation: float = 0.0   # the largest over batches (see AttackResult)
+    raw_box_violation: float = 0.0
+    n_projected: int = 0
 
     @property
     def robust(self) -> torch.Tensor:
@@ -88,13 +97,17 @@ def attack_points(model: nn.Module, attack: Attack, x: torch.Tensor, y: torch.Te
     x_adv = x.clone()
     adv_pred = torch.zeros(n, dtype=torch.long, device=x.device)
     norms = {"l2": torch.zeros(n, device=x.device), "linf": torch.zeros(n, device=x.device)}
-    nf = nb = n_nan = 0
+    nf = nb = n_nan = n_hvp = n_projected = 0
+    ball = box = 0.0
     for i in range(0, todo.numel(), batch_size):
         b = todo[i:i + batch_size]
         res: AttackResult = attack(model, x[b], y[b], eps=eps, generator=generator)
         nf += res.n_forward
         nb += res.n_backward
         n_nan += res.n_nan
+        n_hvp += res.n_hvp
+        n_projected += res.n_projected
+        ball, box = max(ball, res.raw_ball_violation), max(box, res.raw_box_violation)
         attacked[b] = True
         success[b] = res.success
         fooled[b] = res.fooled
@@ -103,17 +116,19 @@ def attack_points(model: nn.Module, attack: Attack, x: torch.Tensor, y: torch.Te
         norms["l2"][b] = res.l2
         norms["linf"][b] = res.linf
     return AttackOutcome(clean_correct, attacked, success, fooled, x_adv, adv_pred, norms["l2"], norms["linf"],
-                         nf, nb, n_nan)
+                         nf, nb, n_nan, n_hvp, ball, box, n_projected)
 
 
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Sequence[Attack],
              eps: float | None, generator: torch.Generator, batch_size: int = 500,
              indices: Sequence[int] | None = None) -> Evaluation:
-    """Run ``attacks`` as a cascade on ``x`` (N, C, H, W) in [0, 1], labels ``y`` (N,).
+    """Run ``attacks`` on ``x`` (N, C, H, W) in [0, 1], labels ``y`` (N,).
 
-    ``indices`` are the examples' ids in the source dataset (recorded in the table). A minimization attack
-    called with ``eps=None`` is scored on misclassification alone (its norms then give the whole
-    robust-accuracy-vs-epsilon curve).
+    Fixed-epsilon attacks (and mixed lists) run as a cascade: each on the points still robust. When every
+    attack is a minimization attack they form an ensemble, as AttackBench and Foolbox score one: each member
+    runs on every clean-correct point and each example keeps its smallest adversarial over members (at most
+    ``eps`` when one is given; ``eps=None`` scores misclassification alone, so the per-example minimal norms
+    give the whole robust-accuracy-vs-epsilon curve). ``indices`` are the examples' ids in their dataset.
     """
     n = x.shape[0]
     dev = x.device
@@ -128,11 +143,21 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Sequen
     seconds: dict[str, float] = {}
     counts: dict[str, dict[str, int]] = {}
     n_nan = 0
-    for atk in attacks:
+    ensemble = bool(attacks) and all(AttackFamily(a.family) == AttackFamily.MINIMIZATION for a in attacks)
+    norm_col = ("linf" if attacks[-1].norm is Norm.LINF else "l2") if ensemble else None
+    best = torch.full((n,), float("inf"), device=dev)   # ensemble: the smallest successful norm so far
+    for order, atk in enumerate(attacks):
         t0 = time.perf_counter()
-        out = attack_points(model, atk, x, y, eps, generator, batch_size, mask=robust, clean_correct=clean_correct)
+        out = attack_points(model, atk, x, y, eps, generator, batch_size, clean_correct=clean_correct,
+                            mask=clean_correct if ensemble else robust)
         n_nan += out.n_nan
-        x_worst[out.success] = out.x_adv[out.success]
+        if ensemble:
+            size = out.linf if norm_col == "linf" else out.l2
+            better = out.success & (size < best)
+            best = torch.where(better, size, best)
+        else:
+            better = out.success
+        x_worst[better] = out.x_adv[better]
         robust &= ~out.success
         attacked = out.attacked.cpu().numpy()
         success = out.success.cpu().numpy()
@@ -141,17 +166,19 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Sequen
                 (("l2", out.l2), ("linf", out.linf), ("rel_l2", out.l2 / x_norm_l2), ("rel_linf", out.linf / x_norm_linf))}
         nf, nb = out.n_forward, out.n_backward
         seconds[atk.name] = time.perf_counter() - t0
-        counts[atk.name] = {"forward": nf, "backward": nb, "attacked": int(attacked.sum())}
+        counts[atk.name] = {"forward": nf, "backward": nb, "hvp": out.n_hvp, "attacked": int(attacked.sum()),
+                            "raw_ball_violation": out.raw_ball_violation, "raw_box_violation": out.raw_box_violation,
+                            "n_projected": out.n_projected}
         frames.append(pd.DataFrame({
             "index": ids, "label": y.cpu().numpy(), "clean_pred": clean_pred.cpu().numpy(),
-            "clean_correct": clean_correct.cpu().numpy(), "attack": atk.name,
+            "clean_correct": clean_correct.cpu().numpy(), "attack": atk.name, "attack_order": order,
             "family": AttackFamily(atk.family).value,
             "norm": atk.norm.value, "attacked": attacked, "adv_pred": adv_pred, "success": success, **cols,
         }))
         log.info("%s: attacked %d points, %d broken, %.1fs", atk.name, int(attacked.sum()), int(success.sum()),
                  seconds[atk.name])
     table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-    return Evaluation(table, x_worst, clean_pred, robust, seconds, counts, n_nan)
+    return Evaluation(table, x_worst, clean_pred, robust, seconds, counts, n_nan, norm_col)
 
 
 def robust_accuracy_curve(norms_if_fooled: np.ndarray, clean_correct: np.ndarray,
@@ -175,10 +202,13 @@ def summarize(ev: Evaluation, attacks: Sequence[Attack], eps: float | None) -> d
     n_cc = int(cc.sum())
     grads = sum(c["backward"] for c in ev.attack_counts.values())
     fwds = sum(c["forward"] for c in ev.attack_counts.values())
+    hvps = sum(c.get("hvp", 0) for c in ev.attack_counts.values())
     n_attacked = max((c["attacked"] for c in ev.attack_counts.values()), default=0)
-    rel_paper = np.zeros(n)
-    broken_pos = pe.index[pe["broken_by"].notna()].to_numpy()
-    rel_paper[broken_pos] = pe.loc[broken_pos, "rel_l2"].to_numpy()
+    # the trust-region paper's relative perturbation: averaged over all evaluated points, 0 for points
+    # misclassified before the attack; defined only when every clean-correct point was broken
+    every_broken = len(broken) == n_cc
+    paper = {f"paper_rel_{k}": float(broken[f"rel_{k}"].sum() / n) if n and every_broken else float("nan")
+             for k in ("l2", "linf")}
     return {
         "n_examples": n,
         "clean_accuracy": float(cc.mean()) if n else float("nan"),
@@ -192,6 +222,8 @@ def summarize(ev: Evaluation, attacks: Sequence[Attack], eps: float | None) -> d
         "mean_rel_linf": float(broken["rel_linf"].mean()) if len(broken) else float("nan"),
         "grad_evals_per_example": float(grads / n_attacked) if n_attacked else 0.0,
         "forward_evals_per_example": float(fwds / n_attacked) if n_attacked else 0.0,
+        "hvp_per_example": float(hvps / n_attacked) if n_attacked else 0.0,
+        **paper,
         "attack_seconds": float(sum(ev.attack_seconds.values())),
         "nan_count": int(ev.n_nan),
     }
