@@ -7,7 +7,8 @@ Layers, lowest first (a module may import its own package and any lower layer):
   2 defenses      defenses                        the core and attacks (adversarial training crafts attacks)
   2 analyses      robustbench_lab.linearization   the core and attacks
   3 application   robustbench_lab.app             everything below; the only layer that imports Hydra
-  4 studies       experiments, benchmarks, run.py, the package's top level (the public entry points)
+  4 entry points  the package's top level: robustbench_lab (the API), robustbench_lab.api, robustbench_lab.cli
+  5 studies       experiments, benchmarks, run.py
 Imports inside functions count like any other (they are read from the whole syntax tree).
 """
 
@@ -26,9 +27,9 @@ UNITS = [  # (module prefix, layer); the longest matching prefix decides
     ("robustbench_lab.linearization", 2),
     ("robustbench_lab.app", 3),
     ("robustbench_lab", 4),
-    ("experiments", 4),
-    ("benchmarks", 4),
-    ("run", 4),
+    ("experiments", 5),
+    ("benchmarks", 5),
+    ("run", 5),
 ]
 HYDRA = ("hydra", "omegaconf", "hydra_plugins")
 MAX_LINES = 400

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -23,8 +24,12 @@ def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
 @pytest.mark.skipif(not fashion_available(), reason="Fashion-MNIST not installed")
 def test_wheel_installs_and_its_console_command_runs_elsewhere(tmp_path):
     wheels = tmp_path / "wheels"
+    # built from a copy, so the build leaves nothing (build/, *.egg-info) in the repository
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv", "outputs", ".cache", "build", "data",
+                                                              "*.egg-info", "__pycache__", "wandb", "multirun"))
     p = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels),
-              str(ROOT)])
+              str(src)])
     assert p.returncode == 0, p.stderr[-3000:]
     (whl,) = wheels.glob("robustbench_lab-*.whl")
     # a fresh environment; its dependencies (torch, hydra, ...) are this environment's, reached through a

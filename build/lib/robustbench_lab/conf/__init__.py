@@ -1,1 +1,0 @@
-"""The Hydra configs, shipped with the package (a package so Hydra finds them when installed)."""
