@@ -21,7 +21,7 @@ from defenses.neural_guidance.gabor import GaborBank, V1GaborTarget
 from defenses.neural_guidance.model_stage import ModelStageTarget, network_stages
 from defenses.neural_guidance.neural_file import FileTarget, full_training_set, load_neural_file
 from defenses.neural_guidance.pipeline import ResponsePipeline
-from defenses.neural_guidance.predictor import PredictorSpec, predictor_recipe, shuffled_pairs, train_predictor
+from defenses.neural_guidance.predictor import PredictorSettings, predictor_recipe, shuffled_pairs, train_predictor
 from defenses.neural_guidance.procedure import NeuralGuidanceProcedure
 from defenses.neural_guidance.target import MODEL_DERIVED, FittedTarget
 from robustbench_lab.core import data as data_mod
@@ -96,10 +96,10 @@ def test_loss_is_exactly_cross_entropy_at_alpha_zero_and_the_weighted_sum_otherw
     model = tanh_mlp()
     x, y = torch.rand(32, 1, 28, 28), torch.randint(0, 10, (32,))
     g = torch.Generator().manual_seed(0)
-    p0 = NeuralGuidanceProcedure(None, PredictorSpec(), alpha=0.0)
+    p0 = NeuralGuidanceProcedure(None, PredictorSettings(), alpha=0.0)
     assert torch.equal(p0.loss(model, x, y, g), F.cross_entropy(model(x), y))   # no target needed, bit-exact
     a, b = torch.randn(3, 16), torch.randn(3)
-    p = NeuralGuidanceProcedure(None, PredictorSpec(), alpha=0.3)
+    p = NeuralGuidanceProcedure(None, PredictorSettings(), alpha=0.3)
     p.use_target(fitted_stub(LinearOfFeatures(tanh_mlp(seed=1), a, b), 3))
     p.prepare(model, tiny_splits(20), CPU)
     tap = FeatureTap(model, "penultimate", 1)
@@ -111,7 +111,7 @@ def test_loss_is_exactly_cross_entropy_at_alpha_zero_and_the_weighted_sum_otherw
     assert torch.allclose(p.loss(model, x, y, g), expect, atol=1e-6)
     # the defense shares the standard checkpoint at alpha = 0 (no training procedure at all)
     # target_scale=unit divides every target by the RMS of the source's fit scores (one number)
-    pu = NeuralGuidanceProcedure(None, PredictorSpec(), alpha=0.3, target_scale="unit")
+    pu = NeuralGuidanceProcedure(None, PredictorSettings(), alpha=0.3, target_scale="unit")
     stub = fitted_stub(LinearOfFeatures(tanh_mlp(seed=1), a, b), 3)
     stub.info["score_rms"] = 4.0
     pu.use_target(stub)
@@ -145,7 +145,7 @@ def test_neural_head_regresses_a_known_linear_target_through_the_training_loop()
     for q in model.parameters():
         q.requires_grad_(False)
     a, b = torch.randn(4, 16), torch.randn(4)
-    p = NeuralGuidanceProcedure(None, PredictorSpec(), alpha=1.0, seed=3)
+    p = NeuralGuidanceProcedure(None, PredictorSettings(), alpha=1.0, seed=3)
     p.use_target(fitted_stub(LinearOfFeatures(model, a, b), 4))
     splits = tiny_splits(256, structured=False)
     train(model, splits, Recipe(epochs=60, batch_size=64, optimizer="adam", lr=0.05, weight_decay=0.0,
@@ -212,7 +212,7 @@ def test_model_stage_targets_come_from_a_frozen_network(tmp_path):
     torch.manual_seed(0)
     guided = Classifier(SmallCNN(1, 10, width=4), CARD.mean, CARD.std, 10)
     before = {k: v.clone() for k, v in guided.state_dict().items()}
-    p = NeuralGuidanceProcedure(source, PredictorSpec(mode="direct"), alpha=0.9)
+    p = NeuralGuidanceProcedure(source, PredictorSettings(mode="direct"), alpha=0.9)
     train(guided, splits, Recipe(epochs=1, batch_size=50, lr=0.05, augment=False), CPU, seed=0, procedure=p,
           progress=False)
     net = source._net
@@ -251,7 +251,7 @@ def test_file_source_pipeline_predictor_and_equivalent_id_and_image_files(tmp_pa
     f_img = _write_npz(tmp_path / "v1_img.npz", responses=resp, images=imgs[:, 0], region=np.array("V1"))
     d = load_neural_file(f_ids)
     assert d.region == "V1" and d.n_repeats == 3 and np.allclose(d.responses, resp.mean(1))
-    spec = PredictorSpec(mode="trained", model="linear", epochs=40, lr=0.01, batch_size=32, weight_decay=0.0)
+    spec = PredictorSettings(mode="trained", model="linear", epochs=40, lr=0.01, batch_size=32, weight_decay=0.0)
     fits = [FileTarget(path=str(f), holdout_fraction=0.2).fit(splits, CPU, spec) for f in (f_ids, f_img)]
     for a, b in zip(fits[0].pipeline.state_dict().values(), fits[1].pipeline.state_dict().values()):
         assert torch.equal(a, b)                         # ids and images describe the same stimuli
@@ -312,9 +312,9 @@ def test_shuffled_control_permutes_the_targets_and_loses_the_image_information(t
     ids, _, resp = _neural_arrays(splits)
     f = _write_npz(tmp_path / "it.npz", responses=resp, image_ids=ids)
     kw = dict(model="linear", epochs=40, lr=0.01, batch_size=32, weight_decay=0.0)
-    true = FileTarget(path=str(f), holdout_fraction=0.2).fit(splits, CPU, PredictorSpec(mode="trained", **kw))
-    shuf = FileTarget(path=str(f), holdout_fraction=0.2).fit(splits, CPU, PredictorSpec(mode="shuffled", **kw))
-    rand = FileTarget(path=str(f), holdout_fraction=0.2).fit(splits, CPU, PredictorSpec(mode="random", model="linear"))
+    true = FileTarget(path=str(f), holdout_fraction=0.2).fit(splits, CPU, PredictorSettings(mode="trained", **kw))
+    shuf = FileTarget(path=str(f), holdout_fraction=0.2).fit(splits, CPU, PredictorSettings(mode="shuffled", **kw))
+    rand = FileTarget(path=str(f), holdout_fraction=0.2).fit(splits, CPU, PredictorSettings(mode="random", model="linear"))
     assert shuf.info["shuffled_fixed_points"] <= 5
     assert true.info["target_heldout_r"] > shuf.info["target_heldout_r"] + 0.4, (true.info, shuf.info)
     assert true.info["target_heldout_r"] > rand.info["target_heldout_r"] + 0.4, (true.info, rand.info)
@@ -323,7 +323,7 @@ def test_shuffled_control_permutes_the_targets_and_loses_the_image_information(t
 def test_predictor_trains_on_the_core_loop_with_its_own_seed_only():
     """The predictor's recipe is Adam at a constant rate without augmentation; training is reproducible from
     spec.seed alone, leaves the global RNG untouched and returns a frozen model with one loss per epoch."""
-    spec = PredictorSpec(mode="trained", model="linear", epochs=3, batch_size=16, lr=0.01, weight_decay=0.0, seed=2)
+    spec = PredictorSettings(mode="trained", model="linear", epochs=3, batch_size=16, lr=0.01, weight_decay=0.0, seed=2)
     r = predictor_recipe(spec)
     assert (r.optimizer, r.schedule, r.augment, r.epochs, r.batch_size, r.lr) == ("adam", "constant", False, 3, 16, 0.01)
     images = tiny_splits(60).x_train

@@ -24,7 +24,7 @@ from .target import FittedTarget
 
 
 @dataclasses.dataclass(frozen=True)
-class AnalysisSpec:
+class AnalysisSettings:
     """``defense.analysis``: what the transform measures on the evaluation points (no effect on training).
 
     ``n``: evaluation points used (0 = all of ``data.n_eval``); ``eps``: L-inf radii of the robustness curve;
@@ -39,7 +39,7 @@ class AnalysisSpec:
     batch_size: int = 500
 
     @classmethod
-    def from_config(cls, node: Mapping[str, Any] | None, key: str = "defense.analysis") -> "AnalysisSpec":
+    def from_config(cls, node: Mapping[str, Any] | None, key: str = "defense.analysis") -> "AnalysisSettings":
         d = dict(node or {})
         check_known_fields(cls, d, key, "analysis field")
         if "eps" in d:
@@ -57,7 +57,7 @@ class AnalysisSpec:
         return s
 
 
-def robustness(model: nn.Module, splits: data_mod.Splits, device: torch.device, spec: AnalysisSpec,
+def robustness(model: nn.Module, splits: data_mod.Splits, device: torch.device, spec: AnalysisSettings,
                seed: int) -> tuple[pd.DataFrame, dict[str, Any]]:
     """PGD robust accuracy and smoothness vs radius on the first ``spec.n`` evaluation points: the profile
     table (one row per radius, eps = 0 first) and its summary for ``metrics.json``."""

@@ -18,9 +18,9 @@ from robustbench_lab.core import data as data_mod
 from robustbench_lab.core.defense_base import Defense
 from robustbench_lab.core.errors import ConfigError, check_choice, check_number
 
-from .analysis import AnalysisSpec, heldout_rsa, robustness
+from .analysis import AnalysisSettings, heldout_rsa, robustness
 from .features import PENULTIMATE
-from .predictor import PredictorSpec
+from .predictor import PredictorSettings
 from .procedure import TARGET_SCALES, NeuralGuidanceProcedure
 from .target import FittedTarget, TargetSource
 
@@ -32,8 +32,8 @@ class NeuralGuidance(Defense):
 
     ``neural_target``: a target source (a ``robustbench_lab/conf/defense/neural_target`` node: ``file``, ``v1_gabor``,
     ``model_stage``); ``alpha`` in [0, 1]; ``layer``: ``penultimate`` or a module name of the model;
-    ``pool``: pooled size of a 4-D layer; ``predictor``: ``PredictorSpec`` fields (``mode``: direct / trained /
-    random / shuffled); ``analysis``: ``AnalysisSpec`` fields; ``seed``: the head's initialisation;
+    ``pool``: pooled size of a 4-D layer; ``predictor``: ``PredictorSettings`` fields (``mode``: direct / trained /
+    random / shuffled); ``analysis``: ``AnalysisSettings`` fields; ``seed``: the head's initialisation;
     ``target_scale``: ``none`` (the authors' raw PCA scores) or ``unit`` (every target divided by one number,
     the RMS of the source's fit scores, so the MSE starts near 1 whatever the source's unit count: the same
     alpha then weighs sources of different sizes alike; equivalent to rescaling alpha's MSE term).
@@ -54,12 +54,12 @@ class NeuralGuidance(Defense):
         check_number("defense.seed", seed, integer=True)
         check_choice("defense.target_scale", target_scale, TARGET_SCALES)
         self.source = neural_target
-        self.predictor = PredictorSpec.from_config(predictor)
+        self.predictor = PredictorSettings.from_config(predictor)
         if self.predictor.mode == "direct" and not neural_target.supports_direct:
             raise ConfigError("defense.predictor.mode", "direct", ["trained", "random", "shuffled"],
                               f"{neural_target.kind} data have responses only for their own images; a predictor "
                               "gives every training image a target")
-        self.analysis = AnalysisSpec.from_config(analysis)
+        self.analysis = AnalysisSettings.from_config(analysis)
         self.procedure = NeuralGuidanceProcedure(neural_target, self.predictor, float(alpha), layer, pool, seed,
                                                  target_scale)
         self.results: dict[str, Any] = {}
@@ -83,7 +83,7 @@ class NeuralGuidance(Defense):
 
     def analyse(self, model: nn.Module, splits: data_mod.Splits, device: torch.device, seed: int = 0,
                 writer: Any = None) -> dict[str, Any]:
-        """Robust accuracy vs epsilon, smoothness, and RSA for ``model`` (see ``AnalysisSpec``)."""
+        """Robust accuracy vs epsilon, smoothness, and RSA for ``model`` (see ``AnalysisSettings``)."""
         profile, out = robustness(model, splits, device, self.analysis, seed)
         if self.analysis.rsa_n:
             fitted = self.procedure.fitted or self._reference

@@ -28,7 +28,7 @@ PREDICTOR_MODES = ("trained", "direct", "random", "shuffled")
 
 
 @dataclasses.dataclass(frozen=True)
-class PredictorSpec:
+class PredictorSettings:
     """How targets reach the training images (``defense.predictor``); everything enters the checkpoint key.
 
     ``model``: a zoo architecture for the predictor (the authors use a ResNet-18; ``small_cnn`` on CPU), its
@@ -46,7 +46,7 @@ class PredictorSpec:
     seed: int = 0
 
     @classmethod
-    def from_config(cls, node: Mapping[str, Any] | None, key: str = "defense.predictor") -> "PredictorSpec":
+    def from_config(cls, node: Mapping[str, Any] | None, key: str = "defense.predictor") -> "PredictorSettings":
         d = dict(node or {})
         check_known_fields(cls, d, key, "predictor field")
         s = cls(**d)
@@ -67,7 +67,7 @@ class PredictorSpec:
         return dataclasses.asdict(self)
 
 
-def build_predictor(spec: PredictorSpec, card: data_mod.DataCard, n_out: int) -> Classifier:
+def build_predictor(spec: PredictorSettings, card: data_mod.DataCard, n_out: int) -> Classifier:
     """A zoo network with ``n_out`` outputs on [0, 1] inputs (normalization of the dataset), seeded by ``spec.seed``."""
     zoo.get_card(spec.model, key="defense.predictor.model")
     with torch.random.fork_rng(devices=[]):   # initialise under its own seed; the caller's RNG is untouched
@@ -95,14 +95,14 @@ def pattern_correlation(pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num((a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)))
 
 
-def predictor_recipe(spec: PredictorSpec) -> Recipe:
+def predictor_recipe(spec: PredictorSettings) -> Recipe:
     """The predictor's training as a core recipe: Adam at a constant learning rate, no augmentation (the
     targets belong to the unaugmented fit images)."""
     return Recipe(epochs=spec.epochs, batch_size=spec.batch_size, optimizer="adam", lr=spec.lr,
                   weight_decay=spec.weight_decay, schedule="constant", augment=False)
 
 
-def train_predictor(spec: PredictorSpec, card: data_mod.DataCard, images: torch.Tensor, targets: torch.Tensor,
+def train_predictor(spec: PredictorSettings, card: data_mod.DataCard, images: torch.Tensor, targets: torch.Tensor,
                     device: torch.device) -> tuple[Classifier, dict[str, Any]]:
     """Train a predictor on ``images`` (n, C, H, W) uint8 or [0, 1] float -> ``targets`` (n, k). Frozen on return.
 

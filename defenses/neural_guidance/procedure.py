@@ -21,7 +21,7 @@ from robustbench_lab.core.model import eval_frozen
 from robustbench_lab.core.defense_base import TrainingProcedure
 
 from .features import PENULTIMATE, FeatureTap
-from .predictor import PredictorSpec
+from .predictor import PredictorSettings
 from .target import FittedTarget, TargetSource
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ class NeuralGuidanceProcedure(TrainingProcedure):
     ``(1 - alpha) * CE + alpha * MSE`` (exactly ``F.cross_entropy`` at ``alpha = 0``).
     """
 
-    def __init__(self, source: TargetSource | None, predictor: PredictorSpec, alpha: float = 0.9,
+    def __init__(self, source: TargetSource | None, predictor: PredictorSettings, alpha: float = 0.9,
                  layer: str = PENULTIMATE, pool: int = 2, seed: int = 0, target_scale: str = "none") -> None:
         self.source = source
         self.target_scale = target_scale

@@ -18,7 +18,7 @@ from robustbench_lab.core import data as data_mod
 from robustbench_lab.core.errors import ConfigError, check_number
 
 from .pipeline import PipelineChain, ResponsePipeline, average_repeats, batched
-from .predictor import PredictorSpec, build_predictor, pattern_correlation, shuffled_pairs, train_predictor
+from .predictor import PredictorSettings, build_predictor, pattern_correlation, shuffled_pairs, train_predictor
 
 MODEL_DERIVED = "(model-derived)"
 SOURCE_KINDS = ("neural", "surrogate")
@@ -121,7 +121,7 @@ class TargetSource:
         return splits.x_train[rest][:self.n_heldout]
 
     # -- the pipeline
-    def fit(self, splits: data_mod.Splits, device: torch.device, predictor: PredictorSpec | None) -> FittedTarget:
+    def fit(self, splits: data_mod.Splits, device: torch.device, predictor: PredictorSettings | None) -> FittedTarget:
         """Steps 1-3 on the fit data, then the predictor of ``predictor.mode`` (None: no target module,
         e.g. to compute reference responses for an analysis)."""
         images, raw, heldout = self.fit_data(splits, device)
@@ -143,7 +143,7 @@ class TargetSource:
             info.update(self._predictor_quality(target, splits, device, held, response, pipeline))
         return FittedTarget(target, pipeline, response, info, held)
 
-    def _target_module(self, predictor: PredictorSpec, splits: data_mod.Splits, device: torch.device,
+    def _target_module(self, predictor: PredictorSettings, splits: data_mod.Splits, device: torch.device,
                        images: torch.Tensor, scores: torch.Tensor, pipeline: ResponsePipeline,
                        response: nn.Module | None, info: dict[str, Any]) -> nn.Module:
         """Step 4 in ``predictor.mode``; records the predictor's training numbers in ``info``."""
