@@ -112,3 +112,25 @@ def test_robustbench_offline_names_the_file_and_folder(tmp_path, monkeypatch):
                tmp_path / "cifar10" / "Linf" / "Tiny.pt")
     net = sources.robustbench_model("Tiny", "cifar10", "Linf", str(tmp_path))
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), ref.state_dict().values()))
+
+
+def test_jumprelu_retrofits_an_imported_relu_model_and_names_a_gelu_one():
+    from defenses.jumprelu.retrofit import jump_modules, retrofit
+    card = data_mod.get_card("fashion_mnist")
+    m = build_model(compose(["model=custom", "model._target_=byom.user_models.TinyNet"]), card)
+    assert len(jump_modules(retrofit(m, 0.1))) == 2
+    gelu = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 32), torch.nn.GELU(), torch.nn.Linear(32, 10))
+    with pytest.raises(ConfigError, match="config key 'defense'.*GELU"):
+        retrofit(gelu, 0.1)
+
+
+@pytest.mark.skipif(not fashion_available(), reason="Fashion-MNIST not installed")
+def test_a_training_time_defense_trains_an_imported_architecture(tmp_root):
+    from robustbench_lab.app.execute import run_task
+    cfg = compose(["model=custom", "model._target_=byom.user_models.TinyNet", "model.train.max_train=500",
+                   "model.train.epochs=1", "defense=adv_training", "data.n_eval=32", "data.n_val=100",
+                   "logger=none", "progress=false", "checks=none", "attack=fgsm"])
+    m = run_task(cfg, tmp_root / "run")
+    assert m["cache_hit"] is False and m["model"] == "custom" and m["defense"] == "adv_training"
+    again = run_task(cfg, tmp_root / "run2")
+    assert again["cache_hit"] is True and again["robust_accuracy"] == m["robust_accuracy"]

@@ -7,6 +7,7 @@ import copy
 from torch import nn
 
 from defenses.jumprelu.activation import JumpReLU, check_jump
+from robustbench_lab.core.errors import ConfigError
 
 
 def keep_undefended(defended: nn.Module, source: nn.Module) -> nn.Module:
@@ -45,6 +46,9 @@ def retrofit(model: nn.Module, jump: float) -> nn.Module:
             if isinstance(child, nn.ReLU):
                 setattr(parent, cname, new.setdefault(id(child), JumpReLU(jump)))
     if not new:
-        raise ValueError(f"JumpReLU retrofit: {type(model).__name__} has no nn.ReLU module to replace "
-                         "(functional relu calls cannot be retrofitted; use nn.ReLU modules)")
+        acts = sorted({type(m).__name__ for m in model.modules()
+                       if type(m).__module__.startswith("torch.nn.modules.activation")})
+        raise ConfigError("defense", "jumprelu", "a model whose activations are nn.ReLU modules",
+                          f"{type(model).__name__} has no nn.ReLU module to replace (its activations: "
+                          f"{', '.join(acts) or 'none as modules'}; functional relu calls cannot be retrofitted)")
     return keep_undefended(defended, model)
