@@ -26,8 +26,13 @@ def test_wheel_installs_and_its_console_command_runs_elsewhere(tmp_path):
     wheels = tmp_path / "wheels"
     # built from a copy, so the build leaves nothing (build/, *.egg-info) in the repository
     src = tmp_path / "src"
-    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv", "outputs", ".cache", "build", "data",
-                                                              "*.egg-info", "__pycache__", "wandb", "multirun"))
+    top_only = {".git", ".venv", "outputs", ".cache", "build", "data", "wandb", "multirun"}   # not conf/data
+
+    def skip(folder: str, names: list[str]) -> set[str]:
+        here = {n for n in names if n == "__pycache__" or n.endswith(".egg-info")}
+        return here | (top_only & set(names) if Path(folder) == ROOT else set())
+
+    shutil.copytree(ROOT, src, ignore=skip)
     p = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels),
               str(src)])
     assert p.returncode == 0, p.stderr[-3000:]
