@@ -1,6 +1,7 @@
 """CW-L2, CW-L-inf and DeepFool: closed-form minimal perturbations on a linear classifier, agreement with
-Foolbox's reference CW-L2 at the same budget, and the minimization contract (CW keeps its smallest
-adversarial; points misclassified on arrival come back unchanged)."""
+Foolbox's reference CW-L2 at the same budget, the minimization contract (CW keeps its smallest
+adversarial, so its norms never grow over the binary search; points misclassified on arrival come back
+unchanged), and CW-L-inf's loss checked against the CW margin's gradient worked out by hand."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import torch
 from attacks.cw import CarliniWagnerL2, CWLinf
 from attacks.deepfool import DeepFool
 from attacks.fgsm import FGSM
-from attacks.pgd import PGD
 from robustbench_lab.app.builders import build_attack
+from robustbench_lab.core.attack_base import margin_loss
 from robustbench_lab.core.errors import ConfigError
 from robustbench_lab.core.model import Classifier
 from robustbench_lab.core.norms import Norm
@@ -84,6 +85,57 @@ def test_linear_closed_form(linear, attack):
     # never below the true minimum (float slack), and within 5% of it
     assert ratio.min() >= 1 - 1e-4, float(ratio.min())
     assert ratio.max() <= 1.05, float(ratio.max())
+
+
+# ------------------------------------------------------------------------------- CW's binary search
+def _search_states(model, x, y, max_steps, **kwargs):
+    """Per example, the L2 norm CW returns after 1, 2, ..., ``max_steps`` binary-search steps (+inf where
+    nothing was found), as a (max_steps, B) tensor.
+
+    Runs the attack once per step count and checks that each run is the start of the next (the inputs of
+    every forward pass but the template's final check are identical, in order), so that row k is the state
+    of one search after k steps. Needs ``max_steps`` <= 9: from 10 steps on, the last step reuses the
+    smallest successful constant and the runs stop being prefixes of each other.
+    """
+    assert max_steps <= 9
+    states, previous = [], None
+    for k in range(1, max_steps + 1):
+        seen = []
+        hook = model.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().clone()))
+        try:
+            res = CarliniWagnerL2(binary_search_steps=k, **kwargs)(model, x, y)
+        finally:
+            hook.remove()
+        seen.pop()                                      # the template's verification pass
+        if previous is not None:
+            assert len(seen) > len(previous)
+            assert all(torch.equal(a, b) for a, b in zip(previous, seen)), f"{k} steps do not extend {k - 1}"
+        previous = seen
+        states.append(torch.where(res.fooled, res.l2, torch.full_like(res.l2, float("inf"))))
+    return torch.stack(states)
+
+
+@pytest.mark.parametrize("case", ["linear", "cnn"])
+def test_cw_norms_never_increase_over_binary_search_steps(request, case):
+    """Per example, the norm CW returns after k + 1 binary-search steps is at most the one after k: a later
+    search step (another constant c) may only replace the adversarial by a smaller one. Non-trivial here:
+    points are found at different steps and many norms shrink after they are first found."""
+    if case == "linear":
+        model, x, y, _, _ = request.getfixturevalue("linear")
+        norms = _search_states(model, x, y, 9)
+    else:   # a few points at a small budget (lr raised so that most are found within it)
+        model = request.getfixturevalue("trained_small_cnn")
+        _, _, xt, yt = request.getfixturevalue("fmnist_small")
+        x, y = xt[:24], yt[:24]
+        norms = _search_states(model, x, y, 7, steps=30, lr=0.05)
+    later, earlier = norms[1:], norms[:-1]
+    grew = later > earlier
+    assert not grew.any(), f"{int(grew.sum())} norms grew from one search step to the next: " \
+        f"{[(int(k) + 2, int(i)) for k, i in grew.nonzero()[:5]]} (search step, example)"
+    found = torch.isfinite(norms)
+    assert found[-1].sum() >= 0.75 * len(y)
+    assert (found[-1] & ~found[0]).any()                                   # found only after c has grown
+    assert ((later < earlier) & torch.isfinite(earlier)).sum() >= 10       # refined after first found
 
 
 def test_deepfool_counts_on_linear(linear):
@@ -188,16 +240,75 @@ def test_deepfool_leaves_misclassified_unchanged(trained_small_cnn, cmp_batch):
 
 
 # ------------------------------------------------------------------------------------------- CW-L-inf
-def test_cw_linf_is_pgd_on_the_margin(trained_small_cnn, cmp_batch):
-    x, y, _ = cmp_batch
-    x, y = x[:32], y[:32]
-    atk, eps = build_attack(compose(["attack=cw_linf", "attack.steps=5"]).attack)
+@pytest.fixture(scope="module")
+def relu_mlp():
+    """A 16-8-5 ReLU network on 1x4x4 inputs and 24 points it classifies, with its weights for hand gradients.
+
+    The logits are piecewise linear, so the gradient of z_j - z_y is W1^T (relu'(h) * (W2[j] - W2[y])): no
+    autograd needed to know what the attack's gradient must be.
+    """
+    g = torch.Generator().manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 8), torch.nn.ReLU(), torch.nn.Linear(8, 5))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    net.eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    x = 0.2 + 0.6 * torch.rand(24, 1, 4, 4, generator=g)
+    with torch.no_grad():
+        y = net(x).argmax(1)
+    return net, x, y
+
+
+def _hand_logits_and_grads(net, x):
+    """Logits (B, K) and the input gradient of every logit (B, K, D), from the weights."""
+    w1, b1, w2, b2 = net[1].weight, net[1].bias, net[3].weight, net[3].bias
+    h = x.flatten(1) @ w1.T + b1
+    z = h.clamp_min(0) @ w2.T + b2
+    dz = torch.einsum("kh,bh,hd->bkd", w2, (h > 0).to(x.dtype), w1)
+    return z, dz
+
+
+def _hand_margin_step(net, x, y, step, norm):
+    """x + step * dir(grad m) with m = max_{j != y} z_j - z_y, the CW margin, and dir the norm's ascent
+    direction; also the CE-loss step, to show the two differ on these points."""
+    z, dz = _hand_logits_and_grads(net, x)
+    rows = torch.arange(len(y))
+    other = z.clone()
+    other[rows, y] = float("-inf")
+    j = other.argmax(1)
+    g_margin = dz[rows, j] - dz[rows, y]
+    g_ce = torch.einsum("bk,bkd->bd", z.softmax(1), dz) - dz[rows, y]
+
+    def step_along(gr):
+        d = gr.sign() if norm == "linf" else gr / gr.norm(dim=1, keepdim=True)
+        return (x.flatten(1) + step * d).clamp(0, 1).view_as(x)
+    return step_along(g_margin), step_along(g_ce), (other.amax(1) - z[rows, y])
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", 0.1), ("l2", 0.5)])
+def test_cw_linf_first_step_ascends_the_cw_margin(relu_mlp, norm, eps):
+    """CW-L-inf's first step (no random start) is the ascent step of the CW margin max_{j != y} z_j - z_y,
+    with that margin's gradient worked out by hand from the weights; the cross-entropy step differs on
+    these points, so a different loss could not pass."""
+    net, x, y = relu_mlp
+    step = eps / 2                                                # inside the ball: no projection to mimic
+    expected, ce_step, m0 = _hand_margin_step(net, x, y, step, norm)
+    assert not torch.allclose(expected, ce_step), "the points do not tell the margin from cross-entropy"
+    with torch.no_grad():
+        m1 = margin_loss(net(expected), y)
+    assert torch.allclose(m0, margin_loss(net(x), y))            # the hand margin is the library's
+    assert (m1 > m0).all(), "the step must raise the margin, or PGD keeps the start point"
+    atk = CWLinf(norm=norm, steps=1, step_size=step, random_start=False)
+    res = atk(net, x, y, eps=eps)
+    torch.testing.assert_close(res.x_adv, expected, rtol=0, atol=1e-6)
+
+
+def test_cw_linf_config():
+    atk, eps = build_attack(compose(["attack=cw_linf"]).attack)
     assert isinstance(atk, CWLinf) and atk.name == "cw_linf" and atk.loss == "margin"
     assert atk.norm is Norm.LINF and eps == pytest.approx(0.1)
-    ours = atk(trained_small_cnn, x, y, eps=eps, generator=torch.Generator().manual_seed(3))
-    ref = PGD(norm="linf", steps=5, loss="margin")(trained_small_cnn, x, y, eps=eps,
-                                                  generator=torch.Generator().manual_seed(3))
-    assert torch.equal(ours.x_adv, ref.x_adv)
     with pytest.raises(ConfigError, match="attack.loss"):
         CWLinf(loss="ce")
 

@@ -1,5 +1,6 @@
 """The trust-region attack: closed-form minimal perturbations on a linear classifier, behaviour on a small
-trained CNN (success, smaller norms than fixed-budget attacks, best vs worst target), and its config."""
+trained CNN (success, smaller norms than fixed-budget attacks, best vs worst target), and its config. The
+step-by-step checks against reference implementations are in test_trust_region_reference.py."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from robustbench_lab.core.zoo import LinearClassifier
 from conftest import compose
 
 N_CNN = 48   # CNN test points: enough for medians, small enough for 2 shared CPU cores
+
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest: small-batch work runs on one thread
 
 
 # --------------------------------------------------------------------------------------- linear classifier
