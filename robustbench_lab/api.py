@@ -32,7 +32,7 @@ from robustbench_lab.core.errors import ConfigError, check_choice, check_number
 from robustbench_lab.core.model import Classifier
 from robustbench_lab.core.norms import Norm
 from robustbench_lab.core.results import ResultWriter
-from robustbench_lab.core.sources import MODEL_CONTRACT, check_logits
+from robustbench_lab.core.sources import MODEL_CONTRACT, wrap
 
 
 
@@ -68,19 +68,11 @@ def as_classifier(model: nn.Module, x_probe: torch.Tensor, preprocessing: tuple[
         return model
     if not isinstance(model, nn.Module):
         raise ConfigError("model", type(model).__name__, MODEL_CONTRACT)
-    channels = x_probe.shape[1]
-    if preprocessing is None:
-        mean, std = (0.0,) * channels, (1.0,) * channels
-    else:
-        if len(preprocessing) != 2:
-            raise ConfigError("preprocessing", preprocessing, "(mean, std), each one value or one per channel")
-        mean, std = (tuple(float(v) for v in (p if isinstance(p, Sequence) else [p])) for p in preprocessing)
-        mean, std = (v * channels if len(v) == 1 else v for v in (mean, std))
-        if len(mean) != channels or len(std) != channels or min(std) <= 0:
-            raise ConfigError("preprocessing", preprocessing, f"(mean, std) with {channels} values each, std > 0")
-    clf = Classifier(model, mean, std, 2, name=name)
-    clf.num_classes = check_logits(clf, x_probe, None, key="model", value=type(model).__name__)
-    return clf
+    if preprocessing is not None and len(preprocessing) != 2:
+        raise ConfigError("preprocessing", preprocessing, "(mean, std), each one value or one per channel")
+    mean, std = preprocessing if preprocessing is not None else (None, None)
+    return wrap(model, x_probe, mean, std, None, name, key="model", value=type(model).__name__,
+                norm_key="preprocessing")
 
 
 def _points(data: str | tuple[torch.Tensor, torch.Tensor], n_examples: int | None, data_root: str | None,

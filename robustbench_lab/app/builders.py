@@ -122,18 +122,9 @@ def build_model(cfg: DictConfig, card: data_mod.DataCard) -> Classifier:
     num_classes = int(cfg.model.get("num_classes") or card.num_classes)
     net = sources.call_factory(sources.locate(target), dict(_plain(cfg.model.get("kwargs"))),
                                {"num_classes": num_classes, "in_channels": card.channels})
-    mean, std = cfg.model.get("mean"), cfg.model.get("std")
-    if (mean is None) != (std is None):
-        raise ConfigError("model.std" if std is None else "model.mean", None, "a list of per-channel values "
-                          "(give both model.mean and model.std, or neither for no normalization)")
-    mean = list(mean) if mean is not None else [0.0] * card.channels
-    std = list(std) if std is not None else [1.0] * card.channels
-    if len(mean) != card.channels or len(std) != card.channels or min(std) <= 0:
-        raise ConfigError("model.mean/std", f"{mean} / {std}", f"{card.channels} values each, std > 0")
-    clf = Classifier(net, mean, std, num_classes, name=str(cfg.model.name))
-    sources.check_logits(clf, torch.zeros(2, card.channels, *card.image_size), num_classes, key="model._target_",
-                         value=target)
-    return clf
+    mean, std = (_plain(cfg.model.get(k)) if cfg.model.get(k) is not None else None for k in ("mean", "std"))
+    return sources.wrap(net, torch.zeros(2, card.channels, *card.image_size), mean, std, num_classes,
+                        str(cfg.model.name), key="model._target_", value=target, norm_key="model.mean/std")
 
 
 def _plain(node: Any) -> Any:

@@ -19,6 +19,7 @@ from torch import nn
 
 from robustbench_lab.core.cache import load_weights
 from robustbench_lab.core.errors import ConfigError
+from robustbench_lab.core.model import Classifier
 
 MODEL_CONTRACT = "an nn.Module mapping inputs (B, C, H, W) in [0, 1] to logits (B, num_classes)"
 ROBUSTBENCH_DATASETS = {"cifar10": "cifar10", "cifar100": "cifar100", "imagenet": "imagenet"}
@@ -77,6 +78,27 @@ def check_logits(model: nn.Module, x_probe: torch.Tensor, num_classes: int | Non
         raise ConfigError(key, value, MODEL_CONTRACT + (f" with {num_classes} classes" if num_classes else ""),
                           f"it returned output {found} for input {tuple(x_probe.shape)}")
     return int(out.shape[1])
+
+
+def wrap(net: nn.Module, x_probe: torch.Tensor, mean: Any, std: Any, num_classes: int | None, name: str,
+         key: str, value: Any, norm_key: str) -> Classifier:
+    """``net`` inside the harness's wrapper: normalization by ``mean``/``std`` (both None: none; one value
+    or one per channel), inputs in [0, 1], and the logits contract checked on ``x_probe`` (B, C, H, W)
+    (``num_classes`` None: taken from the output). ``key``/``value`` name the model in errors, ``norm_key``
+    the normalization setting."""
+    channels = x_probe.shape[1]
+    if (mean is None) != (std is None):
+        raise ConfigError(norm_key, f"mean {mean}, std {std}", "both mean and std (one value or one per channel), "
+                          "or neither for no normalization")
+    if mean is None:
+        mean, std = [0.0], [1.0]
+    mean, std = ([float(v) for v in (p if isinstance(p, (list, tuple)) else [p])] for p in (mean, std))
+    mean, std = (v * channels if len(v) == 1 else v for v in (mean, std))
+    if len(mean) != channels or len(std) != channels or min(std) <= 0:
+        raise ConfigError(norm_key, f"mean {mean}, std {std}", f"{channels} values each (or one), std > 0")
+    clf = Classifier(net, mean, std, num_classes or 2, name=name)
+    clf.num_classes = check_logits(clf, x_probe, num_classes, key=key, value=value)
+    return clf
 
 
 def torchvision_model(arch: str, num_classes: int, in_channels: int = 3, **kwargs: Any) -> nn.Module:
