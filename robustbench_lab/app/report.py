@@ -138,6 +138,19 @@ def to_latex(df: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _scatter_figure(fig: Any, ax: Any, xlabel: str, ylabel: str, path: Path) -> Path:
+    """Label, grid, legend and save a scatter figure; returns its path."""
+    import matplotlib.pyplot as plt
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _plots(df: pd.DataFrame, summ: pd.DataFrame, out: Path) -> list[Path]:
     import matplotlib
     matplotlib.use("Agg")
@@ -186,27 +199,14 @@ def _plots(df: pd.DataFrame, summ: pd.DataFrame, out: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(4.8, 3.8))
     for name, g in groups(summ):
         ax.scatter(g["clean_accuracy"], g["robust_accuracy"], label=name, s=18)
-    ax.set_xlabel("clean accuracy")
-    ax.set_ylabel("robust accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    made.append(out / "clean_vs_robust.png")
-    fig.savefig(made[-1], dpi=110)
-    plt.close(fig)
+    made.append(_scatter_figure(fig, ax, "clean accuracy", "robust accuracy", out / "clean_vs_robust.png"))
     # attack cost vs perturbation size
     fig, ax = plt.subplots(figsize=(4.8, 3.8))
     for atk, g in summ.groupby("attack"):
         ax.scatter(g["grad_evals_per_example"], g["median_l2"], label=str(atk), s=18)
-    ax.set_xlabel("gradient evaluations per example")
-    ax.set_ylabel("median L2 of successful perturbations")
     ax.set_xscale("symlog")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    made.append(out / "cost_vs_size.png")
-    fig.savefig(made[-1], dpi=110)
-    plt.close(fig)
+    made.append(_scatter_figure(fig, ax, "gradient evaluations per example", "median L2 of successful perturbations",
+                                out / "cost_vs_size.png"))
     # per-seed spread
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     labels = [curve_label(r, swept) + f", eps={_fmt(r['eps'])}" for r in summ.to_dict("records")]
