@@ -49,6 +49,11 @@ class _Wrapper(Attack):
         self.name = f"{base.name}_{type(self).name}"   # the config's name, if any, replaces it
         self.family = base.family   # type: ignore[misc]  # instance value: the template scores like the base
 
+    @property
+    def stream_name(self) -> str:
+        """The base attack's streams: the wrapped attack replays the base's random draws (like for like)."""
+        return self.base.stream_name
+
     def config(self) -> dict[str, Any]:
         out = {k: (v.value if isinstance(v, Norm) else v) for k, v in vars(self).items()
                if not k.startswith("_") and k not in ("base", "family", "name")}

@@ -9,6 +9,7 @@ from torch import nn
 from robustbench_lab.core.attack_base import Attack, AttackFamily, margin_loss
 from robustbench_lab.core.errors import check_bool, check_choice, check_number
 from robustbench_lab.core.norms import normalize_grad, project, random_in_ball
+from robustbench_lab.core.rng import subset
 
 LOSSES = ("ce", "margin")
 
@@ -65,7 +66,7 @@ class PGD(Attack):
                 break
             idx = todo.nonzero().squeeze(1)
             xs, ys = x[idx], y[idx]
-            xa = random_in_ball(xs, eps, self.norm, generator).clamp(0, 1) if self.random_start else xs.clone()
+            xa = random_in_ball(xs, eps, self.norm, subset(generator, idx)).clamp(0, 1) if self.random_start else xs.clone()
             for t in range(self.steps + 1):
                 xa.requires_grad_(True)
                 logits = model(xa)

@@ -44,13 +44,10 @@ BUDGET = {
     "trust_region": ["attack.iterations=8"],
 }
 ATTACKS = sorted(p.stem for p in (ROOT / "robustbench_lab" / "conf" / "attack").glob("*.yaml"))
-# Limits of the pyautoattack package the attacks wrap (outside the contract; the datasets have 10+ classes
-# and 28 or 32 pixel sides): its targeted DLR loss indexes the 4th-largest logit (IndexError below 4
-# classes), and its L2 Square tiles the image with squares sized from the height, which fails on
-# non-square images and on some sides (e.g. 4, 12, 14, 24; shape or ZeroDivisionError). Square-L2 draws
-# square images of the sides in 4..12 that work (checked on 1-3 channels).
+# A limit of the pyautoattack package AutoAttack wraps (outside the contract; the datasets have 10+
+# classes): its targeted DLR loss indexes the 4th-largest logit (IndexError below 4 classes). Our Square
+# takes any image shape, square or not.
 MIN_CLASSES = {"autoattack": 4}
-SQUARE_L2_SIDES = list(range(5, 12))
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # conftest: small-batch work runs on one thread
@@ -99,8 +96,6 @@ def random_model(kind: str, c: int, h: int, w: int, k: int, seed: int) -> Classi
 def cases(draw, name: str):
     norm = draw(st.sampled_from(supported_norms(name)))
     c, h, w = draw(st.integers(1, 3)), draw(st.integers(4, 12)), draw(st.integers(4, 12))
-    if (name, norm) == ("square", "l2"):
-        h = w = draw(st.sampled_from(SQUARE_L2_SIDES))
     b, k = draw(st.integers(1, 6)), draw(st.integers(MIN_CLASSES.get(name, 2), 5))
     kind = draw(st.sampled_from(["linear", "mlp", "cnn"]))
     if norm == "linf":

@@ -1,17 +1,19 @@
 """Numbers a reviewer can trust where results are combined: a minimal-norm ensemble keeps each example's
 smallest adversarial; the audit sees what an attack returned before the harness clipped it; second-order
-costs and the trust-region paper's relative perturbation are stated."""
+costs and the trust-region paper's relative perturbation are stated; an example's random draws depend on
+(seed, its id, the attack) and not on batching or on the attacks before it."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
 from attacks.pgd import PGD
 from robustbench_lab.app.checks import run_checks
 from robustbench_lab.core.attack_base import MINIMIZATION, Attack
-from robustbench_lab.core.evaluator import evaluate, robust_accuracy_curve, summarize
+from robustbench_lab.core.evaluator import attack_points, evaluate, robust_accuracy_curve, summarize
 from robustbench_lab.core.model import Classifier
 from robustbench_lab.core.norms import Norm
 
@@ -138,3 +140,73 @@ def test_second_order_costs_and_the_papers_relative_perturbation():
         assert abs(s["paper_rel_l2"] - expect) < 1e-6
     else:
         assert np.isnan(s["paper_rel_l2"])
+
+
+# -- randomness that does not depend on batching ------------------------------------------------------------
+def _random_attacks():
+    from attacks.square import Square
+    return {"square_linf": (Square(norm="linf", n_queries=40), 0.1),
+            "square_l2": (Square(norm="l2", n_queries=40), 1.5),
+            "pgd_restarts": (PGD(norm="linf", steps=3, restarts=3), 0.08)}
+
+
+@pytest.mark.parametrize("which", ["square_linf", "square_l2", "pgd_restarts"])
+def test_random_attacks_give_each_example_the_same_result_whatever_the_batch(trained_small_cnn, fmnist_small, which):
+    """Per-example results of Square and of PGD with restarts at batch_size 7 and 500, and on a subset of
+    the points (as a later cascade member sees them): identical to the bit, and not trivially so (some points
+    broken, some not)."""
+    atk, eps = _random_attacks()[which]
+    x, y = fmnist_small[2][:60], fmnist_small[3][:60]
+    ids = torch.arange(1000, 1060)                       # dataset indices, not batch positions
+    small = attack_points(trained_small_cnn, atk, x, y, eps, torch.Generator().manual_seed(5), 7, ids=ids)
+    large = attack_points(trained_small_cnn, atk, x, y, eps, torch.Generator().manual_seed(5), 500, ids=ids)
+    assert 0 < int(small.success.sum()) < int(small.attacked.sum())
+    assert torch.equal(small.x_adv, large.x_adv) and torch.equal(small.success, large.success)
+    # a subset (every third point, e.g. those still robust after another attack), with another generator
+    # object of the same seed that has already been drawn from
+    g = torch.Generator().manual_seed(5)
+    torch.rand(100, generator=g)
+    keep = small.clean_correct & (torch.arange(60) % 3 == 0)
+    sub = attack_points(trained_small_cnn, atk, x, y, eps, g, 500, mask=keep, ids=ids)
+    assert torch.equal(sub.x_adv[keep], small.x_adv[keep]) and torch.equal(sub.success[keep], small.success[keep])
+    other = attack_points(trained_small_cnn, atk, x, y, eps, torch.Generator().manual_seed(6), 500, ids=ids)
+    assert not torch.equal(other.x_adv, small.x_adv)      # the seed does change it
+
+
+def test_cascade_members_do_not_share_draws(trained_small_cnn, fmnist_small):
+    """Square alone and Square after PGD in a cascade: on the points Square attacks in both, the same result."""
+    from attacks.square import Square
+    x, y = fmnist_small[2][:60], fmnist_small[3][:60]
+    sq = Square(norm="linf", n_queries=40)
+    alone = evaluate(trained_small_cnn, x, y, [sq], 0.1, torch.Generator().manual_seed(2), indices=range(60))
+    after = evaluate(trained_small_cnn, x, y, [PGD(norm="linf", steps=2), sq], 0.1,
+                     torch.Generator().manual_seed(2), indices=range(60))
+    a = alone.table.set_index("index")
+    b = after.table[after.table["attack"] == "square"].set_index("index")
+    both = b.index[b["attacked"].to_numpy()]
+    assert len(both) > 5 and len(both) < int(a["attacked"].sum())   # PGD took some points first
+    assert (a.loc[both, "success"] == b.loc[both, "success"]).all()
+    assert np.allclose(a.loc[both, "linf"], b.loc[both, "linf"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_random_starts_change_with_the_seed_and_nothing_else(norm):
+    """FGSM and PGD with a random start: the start (seen through FGSM's output on a model with zero gradients,
+    and PGD's on its first iterate) is a function of (seed, example id): the same under any batching and any
+    prior use of the generator; another seed moves every example."""
+    from attacks.fgsm import FGSM
+    flat = Classifier(nn.Sequential(nn.Flatten(), nn.Linear(16, 3)), (0.0,), (1.0,), 3).eval()
+    nn.init.zeros_(flat.net[1].weight)                      # zero gradient: the output is the start itself
+    x = 0.5 * torch.ones(20, 1, 4, 4)
+    y = torch.zeros(20, dtype=torch.long)
+    ids = torch.arange(20) * 7
+    for atk in (FGSM(norm=norm, random_start=True), PGD(norm=norm, steps=1, random_start=True)):
+        def start(seed, bs, burn=0):
+            g = torch.Generator().manual_seed(seed)
+            torch.rand(burn, generator=g)
+            return attack_points(flat, atk, x, y, 0.2, g, bs, mask=torch.ones(20, dtype=torch.bool), ids=ids).x_adv
+        s0 = start(0, 20)
+        assert torch.equal(s0, start(0, 3)) and torch.equal(s0, start(0, 20, burn=1000))
+        s1 = start(1, 20)
+        assert ((s0 - s1).flatten(1).abs().amax(1) > 1e-4).all()   # every example moved
+        assert ((s0 - x).flatten(1).abs().amax(1) > 1e-4).all()    # and the start is random, not x

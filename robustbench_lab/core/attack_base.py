@@ -6,7 +6,9 @@ model exists. Model, inputs, labels, epsilon and a ``torch.Generator`` come at c
 
 1. validate inputs (shapes, [0, 1] box, epsilon);
 2. put the model in eval mode with frozen parameters (restored afterwards);
-3. run the method on a counting proxy of the model (forward/backward passes per example are counted);
+3. hand the method per-example random streams (``core.rng.ExampleRandom``, keyed by the generator's seed,
+   each example's id and the attack's ``stream_name``), so an example's result does not depend on the batch
+   it is in or on the attacks that ran before; run the method on a counting proxy of the model (forward/backward passes per example are counted);
 4. record how far the method's own output left the box (and, for fixed-epsilon attacks, the epsilon ball):
    the audit reports any violation as a bug in the attack; then clip the batch into them;
 5. recompute success with a fresh forward pass on exactly the returned tensor: an attack's own success
@@ -31,6 +33,7 @@ from torch import nn
 from robustbench_lab.core.errors import ConfigError, check_choice, check_number
 from robustbench_lab.core.model import eval_frozen
 from robustbench_lab.core.norms import Norm, l2, linf, norm_of, project
+from robustbench_lab.core.rng import streams_for
 
 
 class AttackFamily(str, Enum):
@@ -138,8 +141,16 @@ class Attack(abc.ABC):
         """Return adversarial inputs for ``x`` (B, C, H, W) in [0, 1] with labels ``y`` (B,).
 
         ``model`` is in eval mode with frozen parameters and counts its passes; only use ``generator``
-        for randomness.
+        for randomness. It is a ``core.rng.ExampleRandom``: draw per-example values with its ``uniform`` /
+        ``normal`` / ``integers`` / ``signs`` (``take(rows)`` for a subset of the batch), which keeps each
+        example's result independent of batching; as a plain ``torch.Generator`` it gives batch-level draws.
         """
+
+    @property
+    def stream_name(self) -> str:
+        """What names this attack's random streams (with the seed and the example id): the attack's name,
+        so a repeated attack replays its draws whatever ran before it."""
+        return self.name
 
     def config(self) -> dict[str, Any]:
         """Hyperparameters, for the results."""
@@ -148,11 +159,13 @@ class Attack(abc.ABC):
 
     # -- the fixed template -----------------------------------------------------------------------------
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float | None = None,
-                 generator: torch.Generator | None = None) -> AttackResult:
+                 generator: torch.Generator | None = None, ids: torch.Tensor | None = None) -> AttackResult:
+        """Attack ``x`` (B, C, H, W) with labels ``y`` (B,). ``generator``'s seed (default 0) and ``ids`` (B,),
+        the examples' indices in their dataset (default 0..B-1, or those of a ``generator`` that already is
+        an ``ExampleRandom``), key the per-example random streams."""
         lower, upper = getattr(model, "bounds", (0.0, 1.0))
         self._validate(x, y, eps, lower, upper)
-        if generator is None:
-            generator = torch.Generator(device=x.device).manual_seed(0)
+        generator = streams_for(generator, x.shape[0], x.device, self.stream_name, ids)
         x = x.detach()
         y = y.detach()
         with eval_frozen(model):

@@ -82,15 +82,18 @@ class AttackOutcome:
 
 def attack_points(model: nn.Module, attack: Attack, x: torch.Tensor, y: torch.Tensor, eps: float | None,
                   generator: torch.Generator, batch_size: int = 500, mask: torch.Tensor | None = None,
-                  clean_correct: torch.Tensor | None = None) -> AttackOutcome:
+                  clean_correct: torch.Tensor | None = None, ids: torch.Tensor | None = None) -> AttackOutcome:
     """Attack the points of ``x`` (N, C, H, W) in [0, 1] selected by ``mask`` (default: the points ``model``
     classifies correctly) in batches of ``batch_size``, in index order. The one loop behind every robust
     accuracy the harness reports (the evaluator's cascade, the sanity checks, defenses' own measurements).
+    ``ids`` (N,): the points' dataset indices (default 0..N-1), which key each point's random stream with
+    ``generator``'s seed, so the outcome of a point does not depend on ``batch_size`` or on ``mask``.
     """
     n = x.shape[0]
     if clean_correct is None:
         clean_correct = predict(model, x, batch_size) == y
     todo = (clean_correct if mask is None else mask).nonzero().squeeze(1)
+    ids = torch.arange(n, device=x.device) if ids is None else torch.as_tensor(ids, device=x.device)
     attacked = torch.zeros(n, dtype=torch.bool, device=x.device)
     success = torch.zeros_like(attacked)
     fooled = torch.zeros_like(attacked)
@@ -101,7 +104,7 @@ def attack_points(model: nn.Module, attack: Attack, x: torch.Tensor, y: torch.Te
     ball = box = 0.0
     for i in range(0, todo.numel(), batch_size):
         b = todo[i:i + batch_size]
-        res: AttackResult = attack(model, x[b], y[b], eps=eps, generator=generator)
+        res: AttackResult = attack(model, x[b], y[b], eps=eps, generator=generator, ids=ids[b])
         nf += res.n_forward
         nb += res.n_backward
         n_nan += res.n_nan
@@ -149,7 +152,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Sequen
     for order, atk in enumerate(attacks):
         t0 = time.perf_counter()
         out = attack_points(model, atk, x, y, eps, generator, batch_size, clean_correct=clean_correct,
-                            mask=clean_correct if ensemble else robust)
+                            mask=clean_correct if ensemble else robust, ids=torch.as_tensor(ids, device=dev))
         n_nan += out.n_nan
         if ensemble:
             size = out.linf if norm_col == "linf" else out.l2

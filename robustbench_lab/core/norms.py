@@ -10,6 +10,7 @@ from enum import Enum
 import torch
 
 from robustbench_lab.core.errors import ConfigError
+from robustbench_lab.core.rng import ExampleRandom
 
 
 class Norm(str, Enum):
@@ -97,16 +98,24 @@ def normalize_grad(g: torch.Tensor, norm: Norm) -> torch.Tensor:
 
 def random_in_ball(x: torch.Tensor, eps: torch.Tensor | float, norm: Norm,
                    generator: torch.Generator | None) -> torch.Tensor:
-    """A uniform random point of the eps ball around x (before box clipping). Uses only ``generator``."""
+    """A uniform random point of the eps ball around x (before box clipping). Uses only ``generator``; with
+    per-example streams (``core.rng.ExampleRandom``, one row per row of ``x``) each row's point depends on
+    its own stream alone."""
     eps_t = torch.as_tensor(eps, dtype=x.dtype, device=x.device)
     if eps_t.dim() == 0:
         eps_t = eps_t.expand(x.shape[0])
+    per_example = isinstance(generator, ExampleRandom)
+    if per_example and len(generator) != x.shape[0]:
+        raise ValueError(f"random_in_ball: streams for {len(generator)} examples, inputs {tuple(x.shape)}")
     if norm is Norm.LINF:
-        u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        u = (generator.uniform(*x.shape[1:], dtype=x.dtype) if per_example
+             else torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype))
         return x + (2 * u - 1) * _bcast(eps_t, x)
     # Uniform in the L2 ball: Gaussian direction, radius ~ eps * U^(1/d).
-    g = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    g = (generator.normal(*x.shape[1:], dtype=x.dtype) if per_example
+         else torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype))
     g = g / _bcast(l2(g).clamp_min(1e-12), g)
     d = flat(x).shape[1]
-    r = torch.rand(x.shape[0], generator=generator, device=x.device, dtype=x.dtype) ** (1.0 / d)
-    return x + g * _bcast(r * eps_t, x)
+    u = (generator.uniform(dtype=x.dtype) if per_example
+         else torch.rand(x.shape[0], generator=generator, device=x.device, dtype=x.dtype))
+    return x + g * _bcast(u ** (1.0 / d) * eps_t, x)
