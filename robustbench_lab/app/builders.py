@@ -148,8 +148,8 @@ def checkpoint_spec(cfg: DictConfig, recipe: Recipe, defense: Defense) -> dict[s
 
 def load_model(cfg: DictConfig, device: torch.device, defense: Defense, recipe: Recipe,
                splits: data_mod.Splits) -> tuple[Classifier, dict[str, Any]]:
-    """The run's trained model: ``model.checkpoint`` if given, else the checkpoint cache (trained when
-    absent). Every task loads through here, so they share one cache entry for the same model, data split,
+    """The run's trained model: ``model.checkpoint`` if given, else the checkpoint cache, which takes the
+    package's shipped checkpoint when it is the one asked for (trained when absent, or with ``retrain=true``). Every task loads through here, so they share one cache entry for the same model, data split,
     recipe, training-time defense and seed. Returns the model (on ``device``, eval mode) and what to record."""
     if cfg.model.get("checkpoint"):
         with torch.random.fork_rng(devices=[]):   # the weights come from the file: leave the global stream
@@ -161,9 +161,10 @@ def load_model(cfg: DictConfig, device: torch.device, defense: Defense, recipe: 
     model = build_model(cfg, splits.card)   # fresh init under the training seed
     cache = CheckpointCache(Path(cfg.paths.cache_dir) / "checkpoints")
     meta = get_or_train(model, spec, splits, recipe, cache, device, spec["seed"], defense.training_procedure(),
-                        progress=bool(cfg.get("progress", True)))
+                        progress=bool(cfg.get("progress", True)), retrain=bool(cfg.get("retrain", False)))
     return model.to(device).eval(), {
         "checkpoint": str(cache.weights_path(meta["key"])), "cache_hit": meta["cache_hit"],
+        "checkpoint_source": meta.get("source", "cache" if meta["cache_hit"] else "trained"),
         "checkpoint_test_accuracy": meta.get("test_accuracy"), "train_seconds": meta.get("train_seconds")}
 
 

@@ -258,18 +258,19 @@ def checkpoint_spec(model: str, model_kwargs: dict[str, Any], data: str, n_val: 
 
 
 def load_or_build(cache: CheckpointCache, key: str, module: nn.Module, spec: dict[str, Any],
-                  build: Callable[[], dict[str, Any]]) -> tuple[dict[str, Any], bool]:
+                  build: Callable[[], dict[str, Any]], rebuild: bool = False) -> tuple[dict[str, Any], bool]:
     """Entry ``key`` of ``cache`` loaded into ``module``, or ``build()`` (trains ``module`` in place and
     returns the values to store beside it) then stored. Returns (the entry's metadata, whether it was cached).
 
     Building one key is serialized across processes by a file lock: a second job waiting on the lock finds
     the finished entry and loads it instead of building it again. ``module`` is left on the CPU after a build.
+    ``rebuild=True`` builds even when the entry exists, and replaces it.
     """
-    meta = cache.load(key, module, spec)
+    meta = None if rebuild else cache.load(key, module, spec)
     if meta is not None:
         return meta, True
     with cache.lock(key):
-        meta = cache.load(key, module, spec)
+        meta = None if rebuild else cache.load(key, module, spec)
         if meta is not None:
             return meta, True
         extra = build()
@@ -279,9 +280,11 @@ def load_or_build(cache: CheckpointCache, key: str, module: nn.Module, spec: dic
 
 def get_or_train(model: nn.Module, spec: dict[str, Any], splits: data_mod.Splits, recipe: Recipe,
                  cache: CheckpointCache, device: torch.device, seed: int,
-                 procedure: TrainingProcedure | None = None, progress: bool = True) -> dict[str, Any]:
-    """Load the checkpoint for ``spec`` from the cache, or train it (``procedure.fit``; standard training
-    without a procedure) and store it. Returns the cache metadata with ``cache_hit``."""
+                 procedure: TrainingProcedure | None = None, progress: bool = True,
+                 retrain: bool = False) -> dict[str, Any]:
+    """Load the checkpoint for ``spec`` from the cache (or the package's shipped checkpoints), or train it
+    (``procedure.fit``; standard training without a procedure) and store it; ``retrain=True`` trains even
+    when it is cached. Returns the cache metadata with ``cache_hit``."""
     procedure = procedure or StandardTraining(recipe.label_smoothing)
     key = content_key(spec)
 
@@ -293,7 +296,7 @@ def get_or_train(model: nn.Module, spec: dict[str, Any], splits: data_mod.Splits
         return {"history": hist, "test_accuracy": test_acc,
                 "train_seconds": hist["seconds"][-1] if hist["seconds"] else 0.0}
 
-    meta, hit = load_or_build(cache, key, model, spec, build)
+    meta, hit = load_or_build(cache, key, model, spec, build, rebuild=retrain)
     if hit:
         log.info("loaded cached checkpoint %s", cache.weights_path(key))
     model.to(device).eval()
