@@ -36,7 +36,7 @@ MOVED_TARGETS = {"robustbench_lab.core.defense_base.NoDefense": "robustbench_lab
                  "defenses.jumprelu.defense.JumpReLUDefense": "defenses.jumprelu.JumpReLUDefense"}
 
 # Top-level keys that never change a run's numbers.
-IRRELEVANT = ("paths", "logger", "progress", "hydra", "resume", "num_threads")
+IRRELEVANT = ("paths", "logger", "progress", "hydra", "resume", "retrain", "num_threads")
 RESULT_FILES = ("metrics.json", "per_example.parquet", "per_example.csv", "summary.md", "examples.png",
                 "eval_indices.json", "robust_accuracy_curve.csv", "robust_accuracy_curve.png")
 
@@ -56,6 +56,8 @@ def relevant_config(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     if out.get("task", "evaluate") == "evaluate":   # evaluation cells keep the keys they had before task=
         out.pop("task", None)
         out.pop("linearize", None)
+    if out.get("curve") is None:                     # likewise without a curve (curve=null)
+        out.pop("curve", None)
     return out
 
 

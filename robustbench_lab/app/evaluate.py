@@ -16,12 +16,15 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from robustbench_lab.app.builders import build_attacks, build_defense, check_model_config, load_model
+from robustbench_lab.app.builders import (CONF_DIR, attack_from_name, build_attacks, build_defense, check_model_config,
+                                          load_model)
 from robustbench_lab.app.assess import assess, finish, write_assessment
 from robustbench_lab.app.cells import config_hash, settings
+from robustbench_lab.app.curve import needs_curve, robustness_curve
 from robustbench_lab.app.tracking import make_tracker, run_name
 from robustbench_lab.app.validate import validate
 from robustbench_lab.core import data as data_mod
+from robustbench_lab.core.errors import ConfigError
 from robustbench_lab.core.device import resolve_device
 from robustbench_lab.core.results import ResultWriter
 from robustbench_lab.core.recipe import Recipe
@@ -37,6 +40,7 @@ def run_evaluation(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | 
     validate(cfg)
     device = resolve_device(cfg.device)
     attacks, eps, attack_label = build_attacks(cfg)
+    curve_attack = build_curve_attack(cfg, attacks)
     defense = build_defense(cfg.defense)
     recipe = Recipe.from_config(cfg.model.get("train"))
     tracker = make_tracker(cfg.get("logger"))
@@ -48,15 +52,28 @@ def run_evaluation(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | 
     exit_code = 1
     try:
         metrics = _evaluate(cfg, run_dir, device, attacks, attack_label, eps, defense, recipe, tracker, t_start,
-                            overrides)
+                            overrides, curve_attack)
         exit_code = 0
         return metrics
     finally:
         tracker.finish(exit_code)
 
 
+def build_curve_attack(cfg: DictConfig, attacks):
+    """The ``curve`` attack (a minimization attack's config name) in the run's norm, or None (no ``curve``,
+    or the run's attacks already give the curve)."""
+    name = cfg.get("curve")
+    if not name:
+        return None
+    minimal = sorted(p.stem for p in (CONF_DIR / "attack").glob("*.yaml") if OmegaConf.load(p).get("eps", 0) is None)
+    if str(name) not in minimal:   # fixed-epsilon configs carry an eps; minimization ones have eps: null
+        raise ConfigError("curve", name, minimal + [None], "the curve comes from a minimization attack's minimal norms")
+    atk, _ = attack_from_name(str(name), str(cfg.attack.norm), None, "curve")
+    return atk if needs_curve(atk, attacks) else None
+
+
 def _evaluate(cfg, run_dir, device, attacks, attack_label, eps, defense, recipe, tracker, t_start,
-              overrides) -> dict[str, Any]:
+              overrides, curve_attack=None) -> dict[str, Any]:
     torch.manual_seed(int(cfg.seed))
     check_model_config(cfg)
     splits = data_mod.load_splits(cfg.data.name, cfg.data.root, bool(cfg.data.download), int(cfg.data.n_val),
@@ -81,8 +98,12 @@ def _evaluate(cfg, run_dir, device, attacks, attack_label, eps, defense, recipe,
         "overrides": list(overrides or []), "settings": settings(cfg),
         "attack_config_hash": config_hash(cfg.attack), "defense_config_hash": config_hash(cfg.defense),
     }
-    sections = write_assessment(writer, a, metrics, f"{attack_label} on {cfg.model.name}/{cfg.data.name}",
-                                cfg.data.name, splits.card.class_names)
+    title = f"{attack_label} on {cfg.model.name}/{cfg.data.name}"
+    sections = write_assessment(writer, a, metrics, title, cfg.data.name, splits.card.class_names)
+    if curve_attack is not None:
+        metrics["curve"], section = robustness_curve(defended, x, y, curve_attack, eps, int(cfg.seed), int(cfg.batch_size),
+                                                     splits.eval_indices.tolist(), writer, title)
+        sections.append(section)
     final = finish(writer, metrics, sections, t_start)
     table = a.evaluation.table
     tracker.log_metrics({"clean/accuracy": metrics["clean_accuracy"], "robust/accuracy": metrics["robust_accuracy"],

@@ -131,10 +131,12 @@ class Config:
     logger: Any = MISSING         # typed by the chosen option's own schema (schema/logger/<name>)
     paths: PathsSchema = MISSING
     attacks: Optional[List[str]] = None
+    curve: Optional[str] = None
     seed: int = 0
     device: str = "auto"
     batch_size: int = 500
     progress: bool = True
+    retrain: bool = False
     checks: str = "quick"
     resume: bool = True
     num_threads: Optional[int] = None
