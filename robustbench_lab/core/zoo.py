@@ -38,7 +38,8 @@ class SmallCNN(nn.Module):
 
 
 class LeNetLike(nn.Module):
-    """The LeNet-like MNIST network of the JumpReLU paper's code (two 5x5 conv/pool stages, FC 1024)."""
+    """A LeNet-like MNIST network: the architecture of Madry et al.'s MNIST challenge model (two 5x5 conv/pool
+    stages of 32 and 64 channels, FC 1024), the kind of small network the JumpReLU paper evaluates on MNIST."""
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10) -> None:
         super().__init__()
