@@ -179,8 +179,8 @@ def _plot_seed_spread(df: pd.DataFrame, summ: pd.DataFrame, swept: list[str], pa
             keys = ["attack", "defense", "norm", "eps", *swept]
             pos = {tuple(fmt_number(r[k]) for k in keys): i for i, r in enumerate(summ.to_dict("records"))}
             px = [pos.get(tuple(fmt_number(r[k]) for k in keys), np.nan) for r in df.to_dict("records")]
-            ax.scatter(px, df["robust_accuracy"], s=16, alpha=0.6, color=c_seed, label="each seed", zorder=2)
-        ax.plot(xs, summ["robust_accuracy"], "D", ms=6, color=c_mean, label="mean over seeds", zorder=3)
+            ax.scatter(px, df["robust_accuracy"], s=16, alpha=0.6, color=c_seed, label="Each seed", zorder=2)
+        ax.plot(xs, summ["robust_accuracy"], "D", ms=6, color=c_mean, label="Mean over seeds", zorder=3)
         plotstyle.seed_errorbars(ax, xs, summ["robust_accuracy"], summ["robust_accuracy_ci95"], summ["n_seeds"],
                                  c_mean, zorder=3)
         ax.set_xticks(xs)

@@ -37,6 +37,13 @@ COLUMN_WORDS = {
     "median_min_linf": "Median minimal L-inf", "median_min_l1": "Median minimal L1",
     "smoothness_score": "Smoothness score", "rsa": "RSA", "error": "Error", "overrides": "Overrides",
     "run_dir": "Run directory", "k": "Jump k", "val_robust_accuracy": "Validation robust accuracy",
+    # the studies' tables (neural guidance, ACL)
+    "arm": "Arm", "role": "Role", "target": "Target", "source_kind": "Source kind", "level": "Level",
+    "alpha": "Alpha", "predictor": "Predictor", "weight_decay": "Weight decay", "main_eps": "Main epsilon",
+    "main_robust_accuracy": "Main robust accuracy", "n_components": "Components",
+    "target_heldout_r": "Target held-out r", "protocol": "Fine-tuning", "selected_epoch": "Selected epoch",
+    "pretrain_final_nt_xent": "Final NT-Xent", "pretrain_seconds": "Pre-training (s)",
+    "finetune_seconds": "Fine-tuning (s)",
 }
 # attacks, defenses, norms and their parts, as their users name them
 NAME_WORDS = {
@@ -103,8 +110,9 @@ def style() -> Iterator[Any]:
 def seed_errorbars(ax: Any, x: Any, y: Any, err: Any, n_seeds: Any, color: Any, xerr: Any = None,
                    **kw: Any) -> bool:
     """Error bars of half-width ``err`` (and ``xerr``, horizontal) at (x, y), only where ``n_seeds`` > 1 and
-    the half-width is finite: a point from one seed has no spread to show, so it gets no bar (not a bar of
-    zero). ``n_seeds`` is one number or one per point. Returns whether any bar was drawn."""
+    the half-width is finite and positive: a point from one seed has no spread to show, so it gets no bar
+    (not a bar of zero), and seeds that agree exactly have nothing to draw. ``n_seeds`` is one number or one
+    per point. Returns whether any bar was drawn."""
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     n = np.broadcast_to(np.asarray(n_seeds, dtype=float), x.shape)
     drawn_any = False
@@ -112,26 +120,29 @@ def seed_errorbars(ax: Any, x: Any, y: Any, err: Any, n_seeds: Any, color: Any, 
         if e is None:
             continue
         e = np.asarray(e, dtype=float)
-        keep = (n > 1) & np.isfinite(e) & np.isfinite(x) & np.isfinite(y)
+        keep = (n > 1) & np.isfinite(e) & (e > 0) & np.isfinite(x) & np.isfinite(y)
         if keep.any():
             ax.errorbar(x[keep], y[keep], **{f"{axis}err": e[keep]}, fmt="none", ecolor=color, elinewidth=1.2, **kw)
             drawn_any = True
     return drawn_any
 
 
-def legend(ax: Any, *, over: Sequence[Any] = (), **kw: Any) -> Any:
-    """A legend at the best place inside ``ax``; ``save`` moves it outside if at the final layout it covers
-    data of ``ax`` or of the axes in ``over`` (e.g. a twin axis). Returns the legend (None if nothing is
-    labelled)."""
+def legend(ax: Any, *, over: Sequence[Any] = (), outside: bool = False, **kw: Any) -> Any:
+    """A legend at the best place inside ``ax`` with the entries of ``ax`` and of the axes in ``over`` (a twin
+    axis, or other panels with the same entries; each label once); ``save`` moves it outside (to the right)
+    if at the final layout it covers data of any of them, or always with ``outside``. Returns the legend
+    (None if nothing is labelled)."""
     handles, labels = [], []
     for a in (ax, *over):
-        h, lab = a.get_legend_handles_labels()
-        handles += h
-        labels += lab
+        for h, lab in zip(*a.get_legend_handles_labels()):
+            if lab not in labels:       # panels that share entries list them once
+                handles.append(h)
+                labels.append(lab)
     if not handles:
         return None
     leg = ax.legend(handles, labels, loc="best", **kw)
     leg._plotstyle_axes = [ax, *over]   # the axes whose data it must not cover
+    leg._plotstyle_outside = outside
     return leg
 
 
@@ -187,8 +198,7 @@ def covers_data(leg: Any, renderer: Any = None) -> bool:
 
 
 def _outside(leg: Any, renderer: Any) -> None:
-    """Move ``leg`` to the right of its axes and of their decorations (a twin axis' ticks and label), and
-    widen the figure by the legend's width so the axes keep their size."""
+    """Move ``leg`` to the right of its axes and of their decorations (a twin axis' ticks and label)."""
     ax = leg.axes
     axes = getattr(leg, "_plotstyle_axes", [ax])
     right = max(a.get_tightbbox(renderer).x1 for a in axes)
@@ -197,8 +207,6 @@ def _outside(leg: Any, renderer: Any) -> None:
     leg.remove()
     new = ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(x, 1.0), borderaxespad=0.0)
     new._plotstyle_axes = axes
-    fig = ax.figure
-    fig.set_figwidth(fig.get_figwidth() + new.get_window_extent(renderer).width / fig.dpi + 0.2)
 
 
 def save(fig: Any, path: str | Path, dpi: int = DPI) -> Path:
@@ -211,11 +219,16 @@ def save(fig: Any, path: str | Path, dpi: int = DPI) -> Path:
         moved = False
         for ax in fig.axes:
             leg = ax.get_legend()
-            if leg is not None and leg.get_visible() and leg._loc == 0 and covers_data(leg, renderer):
+            if leg is not None and leg.get_visible() and leg._loc == 0 and (
+                    getattr(leg, "_plotstyle_outside", False) or covers_data(leg, renderer)):
                 _outside(leg, renderer)
                 moved = True
         if not moved:
             break
+        # widen the figure by what the moved legends stick out, so the axes keep their size
+        renderer = drawn(fig)
+        over = max(a.get_legend().get_window_extent(renderer).x1 for a in fig.axes if a.get_legend() is not None)
+        fig.set_figwidth(fig.get_figwidth() + max(0.0, over - fig.bbox.x1) / fig.dpi + 0.1)
     for leg in (a.get_legend() for a in fig.axes):
         if leg is not None and leg._loc == 0:   # pin "best" where it was checked, for the saved file
             leg.set_loc(tuple(leg.axes.transAxes.inverted().transform(leg.get_window_extent(renderer))[0]))

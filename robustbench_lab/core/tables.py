@@ -31,11 +31,13 @@ class MeanCI:
     mean: float
     half: float = math.nan
 
-    def text(self, pm: str, digits: int = 4) -> str:
+    def text(self, pm: str, digits: int = 4, spec: str | None = None) -> str:
+        """"mean ± half" (``pm`` the separator); the mean alone, to ``digits`` significant digits or by the
+        format ``spec``, when the half-width is unknown."""
         if self.mean is None or not np.isfinite(self.mean):
             return fmt_number(self.mean, digits)
         if self.half is None or not np.isfinite(self.half):
-            return fmt_number(self.mean, digits)
+            return format(self.mean, spec) if spec else fmt_number(self.mean, digits)
         if self.half <= 1e-9 * max(1.0, abs(self.mean)):   # seeds that agree (up to float noise in the sd)
             return f"{fmt_number(self.mean, digits)}{pm}0"
         places = max(0, 1 - math.floor(math.log10(self.half)))     # two significant digits of the half-width
@@ -77,9 +79,11 @@ def _escape_markdown(s: str) -> str:
     return s.replace("\\", "\\\\").replace("|", "\\|").replace("*", "\\*").replace("\n", " ")
 
 
-def _styler(df: pd.DataFrame, target: str, headers: Sequence[str] | None, digits: int | Mapping[str, int]) -> Any:
+def _styler(df: pd.DataFrame, target: str, headers: Sequence[str] | None, digits: int | Mapping[str, int],
+            formats: Mapping[str, str] | None = None) -> Any:
     """A ``Styler`` of ``df`` for ``target`` ("markdown" or "latex"): cells formatted and escaped, headers in
-    words, index hidden."""
+    words, index hidden. ``digits``: significant digits (one for all or per column); ``formats``: a format
+    spec per column (".3f") that overrides them for numbers."""
     shown = df.copy()
     shown.columns = list(headers) if headers is not None else [words(c) for c in df.columns]
     pm = r" $\pm$ " if target == "latex" else " ± "
@@ -87,12 +91,15 @@ def _styler(df: pd.DataFrame, target: str, headers: Sequence[str] | None, digits
 
     def cell(col: str) -> Callable[[Any], str]:
         d = digits.get(col, 4) if isinstance(digits, Mapping) else digits
+        spec = (formats or {}).get(col)
 
         def f(v: Any) -> str:
             if isinstance(v, MeanCI):
-                return v.text(pm, d)
+                return v.text(pm, d, spec)
             if isinstance(v, str):
                 return v if target == "latex" else _escape_markdown(v)   # LaTeX: Styler escaped it already
+            if spec and fmt_number(v) not in ("", "inf", "-inf") and not isinstance(v, (bool, np.bool_)):
+                return format(float(v), spec)
             return fmt_number(v, d)
         return f
 
@@ -104,12 +111,12 @@ def _styler(df: pd.DataFrame, target: str, headers: Sequence[str] | None, digits
 
 
 def markdown(df: pd.DataFrame, caption: str, headers: Sequence[str] | None = None,
-             digits: int | Mapping[str, int] = 4) -> str:
+             digits: int | Mapping[str, int] = 4, formats: Mapping[str, str] | None = None) -> str:
     """A GitHub/pandoc Markdown table of ``df`` with ``Table: caption`` above it; numeric columns
     right-aligned. An empty frame gives the caption and "(no rows)"."""
     if df.empty:
         return f"Table: {caption}\n\n(no rows)\n"
-    st = _styler(df, "markdown", headers, digits)
+    st = _styler(df, "markdown", headers, digits, formats)
     lines = st.to_string(delimiter=" | ").rstrip("\n").split("\n")
     align = ["---:" if _numeric(df[c]) else "---" for c in df.columns]
     rows = ["| " + ln + " |" for ln in lines]
@@ -117,11 +124,11 @@ def markdown(df: pd.DataFrame, caption: str, headers: Sequence[str] | None = Non
 
 
 def latex(df: pd.DataFrame, caption: str, label: str | None = None, headers: Sequence[str] | None = None,
-          digits: int | Mapping[str, int] = 4) -> str:
+          digits: int | Mapping[str, int] = 4, formats: Mapping[str, str] | None = None) -> str:
     """A booktabs LaTeX table (``table`` float with ``\\caption``) of ``df``; numeric columns right-aligned."""
     if df.empty:
         return ""
-    st = _styler(df, "latex", headers, digits)
+    st = _styler(df, "latex", headers, digits, formats)
     cap = re.sub(r"[\\&%$#_{}~^±]", lambda m: LATEX_SPECIAL[m.group()], caption)
     return st.set_caption(cap).to_latex(
         column_format="".join("r" if _numeric(df[c]) else "l" for c in df.columns), hrules=True,
