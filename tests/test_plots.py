@@ -7,7 +7,6 @@ numbers."""
 from __future__ import annotations
 
 import importlib
-import json
 import math
 from pathlib import Path
 
@@ -22,6 +21,8 @@ from robustbench_lab.core import plotstyle, tables
 from robustbench_lab.core.results import plot_curve, plot_examples
 from robustbench_lab.linearization.analyses import plots as lin
 from robustbench_lab.linearization.spectra import Spectrum
+
+from test_sweep import _fake_run   # one writer of a finished cell's metrics.json for both files
 
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -79,16 +80,6 @@ def _xlabels(fig) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------ sweeps
-def _fake_run(d: Path, **kw) -> None:
-    d.mkdir(parents=True)
-    m = {"dataset": "fashion_mnist", "model": "resnet20", "defense": "none", "attack": "pgd", "norm": "linf",
-         "eps": 0.1, "seed": 0, "clean_accuracy": 0.9, "robust_accuracy": 0.5, "attack_success_rate": 0.4,
-         "median_l2": 1.0, "median_linf": 0.1, "mean_rel_l2": 0.1, "grad_evals_per_example": 20,
-         "attack_seconds": 1.0, "seconds": 2.0, "n_examples": 10}
-    m.update(kw)
-    (d / "metrics.json").write_text(json.dumps(m))
-
-
 def _sweep(root: Path, seeds: int) -> Path:
     """PGD and FGSM at three epsilons, with and without JumpReLU, and a trust-region (minimal-norm) run."""
     for s in range(seeds):
