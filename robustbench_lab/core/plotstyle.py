@@ -229,9 +229,13 @@ def save(fig: Any, path: str | Path, dpi: int = DPI) -> Path:
         renderer = drawn(fig)
         over = max(a.get_legend().get_window_extent(renderer).x1 for a in fig.axes if a.get_legend() is not None)
         fig.set_figwidth(fig.get_figwidth() + max(0.0, over - fig.bbox.x1) / fig.dpi + 0.1)
-    for leg in (a.get_legend() for a in fig.axes):
+    for leg in [a.get_legend() for a in fig.axes]:
         if leg is not None and leg._loc == 0:   # pin "best" where it was checked, for the saved file
-            leg.set_loc(tuple(leg.axes.transAxes.inverted().transform(leg.get_window_extent(renderer))[0]))
+            ax = leg.axes
+            corner = tuple(ax.transAxes.inverted().transform(leg.get_window_extent(renderer))[0])
+            handles, labels = leg.legend_handles, [t.get_text() for t in leg.get_texts()]
+            leg.remove()
+            ax.legend(handles, labels, loc=corner)._plotstyle_axes = getattr(leg, "_plotstyle_axes", [ax])
     fig.savefig(path, dpi=dpi, bbox_inches="tight")
     plt.close(fig)
     for saved in _captures:
