@@ -342,7 +342,8 @@ def test_the_variants_table_orders_the_arms_and_answers_ds_vs_simclr(tmp_path, c
             "seed": 0, "n_examples": 500, "attack": "pgd", "eps": 0.1}))
     w = summarize([tmp_path / "sweep"])
     md = w["md"].read_text()
-    rows = [ln for ln in md.splitlines() if ln.startswith("| ") and "pre-training |" not in ln]
+    per_run = md.split("Table: ")[1]        # the first table: one row per run (the second: per arm)
+    rows = [ln for ln in per_run.splitlines() if ln.startswith("| ") and "pre-training |" not in ln]
     assert [r.split(" | ")[0] for r in rows] == ["| no pre-training (TRADES from scratch)",
                                                   "| SimCLR (standard to standard)", "| ACL DS (dual stream)"]
     assert "| 0.550 | 2 | 0.600 | 4.000 | 4.5 | 25.0 |" in rows[2]

@@ -199,7 +199,7 @@ def test_swept_settings_stay_apart_and_intervals_are_over_seeds(tmp_path):
     assert len(summ) == 3 and sorted(summ["defense.jump"]) == ["0.1", "0.3", "auto"]
     from robustbench_lab.app.report import curve_label
     assert curve_label({"attack": "pgd", "defense": "none", "attack.steps": 10}, ["attack.steps"]) == \
-        "pgd / none (attack.steps=10)"
+        "PGD / no defense (attack.steps=10)"
 
 
 def test_runs_record_their_settings(tmp_root):

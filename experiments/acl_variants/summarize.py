@@ -1,22 +1,29 @@
 """The ACL variants table and plot from a sweep's run directories.
 
     python experiments/acl_variants/summarize.py <sweep dir> [more dirs] [--out DIR]
+    python experiments/acl_variants/summarize.py --table acl_variants.csv --out DIR   # redraw from a saved table
 
 Reads every ``metrics.json`` below the given folders whose defense is ``acl_<variant>_<protocol>``, and the
 sidecar of each run's checkpoint (its training history: selected epoch, validation robust accuracy,
 pre-training loss and time), and writes ``acl_variants.csv``, ``acl_variants.md`` and ``acl_variants.png``
-(clean and robust accuracy per arm) into ``--out`` (default: the first folder). Also run automatically at the
-end of ``python run.py experiment=acl_variants`` (``WriteTableOnMultirunEnd``).
+(clean and robust accuracy per arm: means over seeds, each seed a dot, 95% CI bars where 2+ seeds ran)
+into ``--out`` (default: the first folder). Also run automatically at the end of
+``python run.py experiment=acl_variants`` (``WriteTableOnMultirunEnd``).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import math
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
+import pandas as pd
+
 from robustbench_lab.app.report import table_cli
+from robustbench_lab.core import plotstyle, tables
 
 ORDER = ["none", "simclr", "a2a", "a2s", "ds"]
 LABELS = {"none": "no pre-training (TRADES from scratch)", "simclr": "SimCLR (standard to standard)",
@@ -65,70 +72,103 @@ def collect(dirs: Sequence[str | Path]) -> list[dict[str, Any]]:
     return rows
 
 
-def _fmt(v: Any, digits: int = 3) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return ""
-    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+COLUMNS = {"label": "pre-training", "protocol": "fine-tuning", "seed": "seed", "clean_accuracy": "clean acc.",
+           "robust_accuracy": "PGD-20 robust acc.", "selected_epoch": "selected epoch",
+           "val_robust_accuracy": "val. robust acc.", "pretrain_final_nt_xent": "final NT-Xent",
+           "pretrain_seconds": "pre-training s", "finetune_seconds": "fine-tuning s"}
+FORMATS = {"clean_accuracy": ".3f", "robust_accuracy": ".3f", "val_robust_accuracy": ".3f",
+           "pretrain_final_nt_xent": ".3f", "pretrain_seconds": ".1f", "finetune_seconds": ".1f"}
+
+
+def per_arm(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per (arm, protocol) in ``ORDER``: seeds, mean clean and robust accuracy and their 95%
+    t-interval half-widths over seeds (NaN for one seed)."""
+    rows = []
+    for (arm, protocol), g in df.groupby(["arm", "protocol"], sort=False):
+        row = {"arm": arm, "label": g["label"].iloc[0], "protocol": protocol, "n_seeds": int(g["seed"].nunique())}
+        for c in ("clean_accuracy", "robust_accuracy"):
+            x = pd.to_numeric(g[c], errors="coerce").dropna()
+            row[c] = float(x.mean())
+            row[f"{c}_ci95"] = float(tables.t_half_width(pd.Series([x.std(ddof=1)]), pd.Series([len(x)])).iloc[0]) \
+                if len(x) > 1 else float("nan")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def plot(df: pd.DataFrame, path: Path) -> Path:
+    """Clean and robust accuracy per arm: bars at the mean over seeds, each seed a dot, the 95% CI as a bar
+    only for arms run with 2+ seeds."""
+    arms = per_arm(df)
+    several = len({(a, p) for a, p in zip(arms["arm"], arms["protocol"])}) != len(arms["arm"].unique())
+    ticks = [f"{plotstyle.wrap(lab, 1.3)}" + (f"\n{p}" if several else "") +
+             f"\n({n} seed{'s' if n > 1 else ''})"
+             for lab, p, n in zip(arms["label"].str.replace(r" \(.*\)$", "", regex=True), arms["protocol"],
+                                  arms["n_seeds"])]
+    xs = np.arange(len(arms))
+    c_clean, c_rob, c_seed = plotstyle.colors(7)[0], plotstyle.colors(7)[1], plotstyle.colors(7)[6]
+    attack = plotstyle.words(df["attack"].iloc[0]) if "attack" in df and df["attack"].notna().any() else "attack"
+    with plotstyle.style() as plt:
+        fig, ax = plt.subplots(figsize=(1.2 * len(arms) + 1.2, 4.4))
+        for dx, col, colour, label in ((-0.2, "clean_accuracy", c_clean, "Clean accuracy"),
+                                       (0.2, "robust_accuracy", c_rob, f"{attack} robust accuracy")):
+            ax.bar(xs + dx, arms[col], 0.4, color=colour, label=label + " (mean over seeds)", zorder=2)
+            plotstyle.seed_errorbars(ax, xs + dx, arms[col], arms[f"{col}_ci95"], arms["n_seeds"], "black", zorder=4)
+            pos = {(a, p): x for a, p, x in zip(arms["arm"], arms["protocol"], xs)}
+            ax.scatter([pos[(a, p)] + dx for a, p in zip(df["arm"], df["protocol"])], df[col], s=14, color=c_seed,
+                       zorder=3, label="Each seed" if col == "robust_accuracy" else None)
+        ax.set_xticks(xs)
+        ax.set_xticklabels(ticks)
+        ax.set_ylabel("Accuracy")
+        ax.set_ylim(0, 1.0)
+        ax.grid(axis="x", visible=False)
+        eps = df["eps"].iloc[0] if "eps" in df else None
+        ax.set_title(plotstyle.wrap("ACL pre-training variants, same fine-tuning; robust accuracy at L-inf "
+                                    f"{eps:g}; bars: 95% CI over seeds where 2+ ran", 1.2 * len(arms) + 1.2, 10))
+        plotstyle.legend(ax, outside=True)     # bars fill the axes: a legend inside would sit on them
+        return plotstyle.save(fig, path)
+
+
+ARM_CAPTION = ("Per arm: mean over seeds, ± the half-width of the 95% t-interval over seeds where two or more "
+               "ran (one seed: the value alone).")
 
 
 def write(rows: list[dict[str, Any]], out: Path) -> dict[str, Path]:
-    import pandas as pd
-
+    """acl_variants.csv (one row per run), acl_variants.md (per-run table, per-arm means, the DS vs SimCLR
+    answer) and acl_variants.png into ``out``; ``rows`` as ``collect`` returns them (or read back from a
+    saved acl_variants.csv)."""
     out.mkdir(parents=True, exist_ok=True)
     df = pd.DataFrame(rows)
     written = {"csv": out / "acl_variants.csv", "md": out / "acl_variants.md"}
     df.to_csv(written["csv"], index=False)
-    cols = [("arm", "pre-training"), ("protocol", "fine-tuning"), ("seed", "seed"), ("clean_accuracy", "clean acc."),
-            ("robust_accuracy", "PGD-20 robust acc."), ("selected_epoch", "selected epoch"),
-            ("val_robust_accuracy", "val. robust acc."), ("pretrain_final_nt_xent", "final NT-Xent"),
-            ("pretrain_seconds", "pre-training s"), ("finetune_seconds", "fine-tuning s")]
+    first = rows[0] if rows else {}
     lines = ["# ACL variants", "",
-             f"{len(rows)} runs; clean and robust accuracy on the same {rows[0]['n_examples'] if rows else '?'} test "
-             f"points ({rows[0]['attack'] if rows else ''}, L-inf eps {rows[0]['eps'] if rows else ''}).", "",
-             "| " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        lines.append("| " + " | ".join(_fmt(r[k], 1 if k.endswith("seconds") else 3) if k != "arm"
-                                       else r["label"] for k, _ in cols) + " |")
+             f"{len(rows)} runs; clean and robust accuracy on the same {first.get('n_examples', '?')} test "
+             f"points ({first.get('attack', '')}, L-inf eps {first.get('eps', '')}).", ""]
+    if rows:
+        lines += [tables.markdown(df[list(COLUMNS)], "One row per run.", headers=list(COLUMNS.values()),
+                                  formats=FORMATS),
+                  tables.markdown(tables.with_intervals(per_arm(df)[["label", "protocol", "n_seeds", "clean_accuracy",
+                                                                     "clean_accuracy_ci95", "robust_accuracy",
+                                                                     "robust_accuracy_ci95"]]),
+                                  ARM_CAPTION, headers=["pre-training", "fine-tuning", "seeds", "clean acc.",
+                                                        "PGD-20 robust acc."], formats=FORMATS)]
     rob = {(r["arm"], r["seed"]): r["robust_accuracy"] for r in rows}
     seeds = sorted({sd for (arm, sd) in rob if arm == "ds"} & {sd for (arm, sd) in rob if arm == "simclr"},
                    key=lambda v: (v is None, v))
     if len(seeds) == 1:
         ds, sc = rob[("ds", seeds[0])], rob[("simclr", seeds[0])]
-        lines += ["", f"DS >= SimCLR in robust accuracy: **{'yes' if ds >= sc else 'no'}** ({ds:.3f} vs {sc:.3f})."]
+        lines += [f"DS >= SimCLR in robust accuracy: **{'yes' if ds >= sc else 'no'}** ({ds:.3f} vs {sc:.3f})."]
     elif len(seeds) > 1:   # the seeds both arms ran: means and the paired (same seed) difference
         import statistics
         diffs = [rob[("ds", sd)] - rob[("simclr", sd)] for sd in seeds]
         ds = statistics.mean(rob[("ds", sd)] for sd in seeds)
         sc = statistics.mean(rob[("simclr", sd)] for sd in seeds)
-        lines += ["", f"DS >= SimCLR in robust accuracy, mean over seeds {', '.join(map(str, seeds))}: "
-                      f"**{'yes' if ds >= sc else 'no'}** ({ds:.3f} vs {sc:.3f}; paired difference "
-                      f"{statistics.mean(diffs):+.3f} +- {statistics.stdev(diffs):.3f} sd over seeds)."]
+        lines += [f"DS >= SimCLR in robust accuracy, mean over seeds {', '.join(map(str, seeds))}: "
+                  f"**{'yes' if ds >= sc else 'no'}** ({ds:.3f} vs {sc:.3f}; paired difference "
+                  f"{statistics.mean(diffs):+.3f} +- {statistics.stdev(diffs):.3f} sd over seeds)."]
     written["md"].write_text("\n".join(lines) + "\n")
     if rows:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import numpy as np
-
-        labels = [f"{r['arm']}\n{r['protocol']}" + (f" s{r['seed']}" if len({x['seed'] for x in rows}) > 1 else "")
-                  for r in rows]
-        xs = np.arange(len(rows))
-        fig, ax = plt.subplots(figsize=(1.2 * len(rows) + 2.5, 3.6))
-        ax.bar(xs - 0.2, [r["clean_accuracy"] for r in rows], 0.4, label="clean")
-        ax.bar(xs + 0.2, [r["robust_accuracy"] for r in rows], 0.4, label=f"{rows[0]['attack']} robust")
-        for x, r in zip(xs, rows):
-            ax.text(x + 0.2, r["robust_accuracy"] + 0.01, f"{r['robust_accuracy']:.3f}", ha="center", fontsize=7)
-        ax.set_xticks(xs)
-        ax.set_xticklabels(labels, fontsize=8)
-        ax.set_ylabel("accuracy")
-        ax.set_ylim(0, 1.05)
-        ax.set_title("ACL pre-training variants, same fine-tuning", fontsize=9)
-        ax.legend(fontsize=8)
-        ax.grid(axis="y", alpha=0.3)
-        fig.tight_layout()
-        written["png"] = out / "acl_variants.png"
-        fig.savefig(written["png"], dpi=110)
-        plt.close(fig)
+        written["png"] = plot(df, out / "acl_variants.png")
     return written
 
 
@@ -155,7 +195,16 @@ except ImportError:  # pragma: no cover
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return table_cli(summarize, argv, __doc__.split("\n")[0])
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--table" not in argv:
+        return table_cli(summarize, argv, __doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description="Redraw the ACL variants table and figure from a saved acl_variants.csv.")
+    ap.add_argument("--table", required=True, help="an acl_variants.csv (one row per run)")
+    ap.add_argument("--out", required=True, help="output folder")
+    a = ap.parse_args(argv)
+    rows = pd.read_csv(a.table).astype(object).where(lambda d: d.notna(), None).to_dict("records")
+    print(f"wrote {write(rows, Path(a.out))['md']}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The neural-guidance hierarchy study's table and plots, from finished runs.
 
     python experiments/neural_guidance_hierarchy/plot.py <sweep dir> [more dirs...] [--out DIR]
+    python experiments/neural_guidance_hierarchy/plot.py --table hierarchy_table.csv --out DIR   # redraw only
 
 Run automatically at the end of ``python run.py experiment=neural_guidance_hierarchy`` (the Hydra callback
 ``WriteHierarchyOnMultirunEnd``); by hand, it re-tabulates any set of finished runs (e.g. several sweeps'
@@ -14,9 +15,9 @@ Reads every ``metrics.json`` below the given directories whose defense recorded 
   seed-to-seed sample standard deviation of clean / robust accuracy and smoothness): role (guided level or
   control), target label and ``source_kind`` (``surrogate`` targets carry "(model-derived)"), alpha, predictor
   mode, weight decay, clean accuracy, robust accuracy at every radius, the smoothness score, the RSA, the
-  target fit (components, predictor r);
-* ``ng_robust_vs_eps.png``: robust accuracy vs L-inf radius per arm (guided levels coloured by level, controls
-  grey/dashed);
+  target fit (components, predictor r); the .md shows mean ± 95% t-interval over seeds in each cell;
+* ``ng_robust_vs_eps.png``: robust accuracy vs L-inf radius per arm (one colour per arm, controls dashed,
+  bars: sd over seeds);
 * ``ng_smoothness_by_level.png`` and ``ng_robust_by_level.png``: smoothness score and robust accuracy (at
   ``--eps``) per surrogate level, with the controls as horizontal reference lines.
 """
@@ -30,7 +31,10 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import pandas as pd
+
+from robustbench_lab.core import plotstyle, tables
 
 MODEL_DERIVED = "(model-derived)"
 NOTE = ("Surrogate targets (source_kind = surrogate) are model-derived: a Gabor filter bank and stages of a "
@@ -112,82 +116,108 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     return out.sort_values("_order").drop(columns="_order").reset_index(drop=True)
 
 
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return "" if math.isnan(v) else f"{v:.4g}"
-    return "" if v is None else str(v)
+def arm_labels(summ: pd.DataFrame) -> list[str]:
+    """Each arm in words: a guided arm by its target ("V1-like Gabor bank (model-derived)", with ", trained
+    predictor" for one), a control by what it controls for; arm names only where two would read the same."""
+    labels = []
+    for _, r in summ.iterrows():
+        role = str(r["role"])
+        if role.startswith("guided"):
+            label = str(r["target"]) + (", trained predictor" if role != "guided" else "")
+        elif role == "control: alpha=0":
+            wd = r.get("weight_decay")
+            label = "Control: no guidance (alpha = 0)" + (f", weight decay {wd:g}" if pd.notna(wd) else "")
+        else:
+            label = "Control: " + role.split(": ", 1)[-1]
+        labels.append(label)
+    for i, lab in enumerate(labels):
+        if labels.count(lab) > 1:
+            labels[i] = f"{lab} [{plotstyle.words(summ['arm'].iloc[i])}]"
+    return labels
 
 
-def to_markdown(df: pd.DataFrame) -> str:
-    cols = list(df.columns)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(_fmt(r[c]) for c in cols) + " |" for _, r in df.iterrows()]
-    return "\n".join(lines) + "\n"
+def _sd(summ: pd.DataFrame, col: str) -> pd.Series:
+    return summ[f"{col}_sd"] if f"{col}_sd" in summ else pd.Series(np.nan, index=summ.index)
 
 
 def plots(summ: pd.DataFrame, out: Path, eps: float) -> list[Path]:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """The three study figures from the per-arm table ``summ`` (means over seeds; ``<column>_sd`` the
+    seed-to-seed sd, drawn as bars only where an arm ran with 2+ seeds)."""
     made: list[Path] = []
     eps_cols = sorted((c for c in summ.columns if c.startswith("robust@") and not c.endswith("_sd")),
                       key=lambda c: float(c[7:]))
-    radii = [0.0] + [float(c[7:]) for c in eps_cols]
+    radii = np.array([0.0] + [float(c[7:]) for c in eps_cols])
+    summ = summ.assign(_label=arm_labels(summ)).reset_index(drop=True)
     guided = summ[summ["role"].str.startswith("guided")]
-    controls = summ[~summ["role"].str.startswith("guided")]
-    cmap = plt.get_cmap("viridis")
-    levels = sorted({lv for lv in guided["level"] if pd.notna(lv)})
+    colour = dict(zip(summ["_label"], plotstyle.colors(len(summ))))   # one colour per arm in every figure
+    n_seeds = summ["n_seeds"] if "n_seeds" in summ else 1
+    with plotstyle.style() as plt:
+        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+        for i, r in summ.iterrows():
+            ys = [r["clean_accuracy"]] + [r[c] for c in eps_cols]
+            sds = [_sd(summ, "clean_accuracy")[i]] + [_sd(summ, c)[i] for c in eps_cols]
+            is_guided = str(r["role"]).startswith("guided")
+            ax.plot(radii, ys, marker="o" if is_guided else "s", ms=4, color=colour[r["_label"]],
+                    ls="-" if r["role"] == "guided" else ("-." if is_guided else "--"), label=r["_label"])
+            plotstyle.seed_errorbars(ax, radii, ys, sds, r.get("n_seeds", 1), colour[r["_label"]])
+        ax.set_xlabel("L-inf radius (PGD, [0, 1] pixels)")
+        ax.set_ylabel(plotstyle.words("robust_accuracy"))
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(plotstyle.wrap("Neural guidance: robust accuracy against radius (targets are model-derived "
+                                    "surrogates; bars: sd over seeds)", 6.4, 10))
+        plotstyle.legend(ax)
+        made.append(plotstyle.save(fig, out / "ng_robust_vs_eps.png"))
 
-    def colour(lv: Any) -> Any:
-        return cmap(levels.index(lv) / max(len(levels) - 1, 1)) if lv in levels else "tab:red"
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for _, r in guided.iterrows():
-        ax.plot(radii, [r["clean_accuracy"]] + [r[c] for c in eps_cols], marker="o", ms=3, color=colour(r["level"]),
-                ls="-" if r["role"] == "guided" else "-.", label=f"{r['arm']}")
-    for i, (_, r) in enumerate(controls.iterrows()):
-        ax.plot(radii, [r["clean_accuracy"]] + [r[c] for c in eps_cols], marker="s", ms=3, ls="--",
-                color=str(0.15 + 0.6 * i / max(len(controls) - 1, 1)), label=f"{r['arm']} [{r['role']}]")
-    ax.set_xlabel("L-inf radius (PGD, [0, 1] pixels)")
-    ax.set_ylabel("robust accuracy")
-    ax.set_ylim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6)
-    ax.set_title("Neural guidance: robust accuracy vs radius\n(targets are model-derived surrogates)", fontsize=9)
-    fig.tight_layout()
-    made.append(out / "ng_robust_vs_eps.png")
-    fig.savefig(made[-1], dpi=120)
-    plt.close(fig)
-
-    col = f"robust@{eps:g}"
-    for metric, ylabel, name in (("smoothness_score", "smoothness score (mean sq. input-gradient norm;\nlower = "
-                                  "smoother)", "ng_smoothness_by_level.png"),
-                                 (col, f"robust accuracy at L-inf {eps:g}", "ng_robust_by_level.png")):
-        if metric not in summ:
-            print(f"note: no analysis radius {eps:g}; {name} not written (see --eps)", file=sys.stderr)
-            continue
-        fig, ax = plt.subplots(figsize=(6.4, 4.2))
-        direct = guided[guided["role"] == "guided"].sort_values("level")
-        sd = direct.get(f"{metric}_sd")
-        ax.errorbar(range(len(direct)), direct[metric], yerr=None if sd is None else sd.fillna(0.0), marker="o",
-                    color="tab:blue", capsize=3,
-                    label="guided (exact targets)" + ("" if sd is None else ", mean ± sd over seeds"))
-        ax.set_xticks(range(len(direct)))
-        ax.set_xticklabels([str(t).replace(f" {MODEL_DERIVED}", "\n" + MODEL_DERIVED) for t in direct["target"]],
-                           fontsize=7)
-        other = pd.concat([guided[guided["role"] != "guided"], controls])
-        for i, (_, r) in enumerate(other.iterrows()):
-            ax.axhline(r[metric], ls="--", lw=1, color=f"C{(i + 1) % 10}", label=f"{r['arm']} [{r['role']}]")
-        ax.set_xlabel("target level (surrogate hierarchy, model-derived)")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
-        fig.tight_layout()
-        made.append(out / name)
-        fig.savefig(made[-1], dpi=120)
-        plt.close(fig)
+        col = f"robust@{eps:g}"
+        for metric, ylabel, name in (("smoothness_score", "Smoothness score (mean squared input-gradient norm;\n"
+                                      "lower = smoother)", "ng_smoothness_by_level.png"),
+                                     (col, f"Robust accuracy at L-inf {eps:g}", "ng_robust_by_level.png")):
+            if metric not in summ:
+                print(f"note: no analysis radius {eps:g}; {name} not written (see --eps)", file=sys.stderr)
+                continue
+            fig, ax = plt.subplots(figsize=(6.4, 4.4))
+            direct = guided[guided["role"] == "guided"].sort_values("level")
+            xs = np.arange(len(direct))
+            c_direct = plotstyle.colors(1)[0]
+            several = int(np.max(np.asarray(n_seeds))) > 1 if len(summ) else False
+            ax.plot(xs, direct[metric], marker="o", ms=5, color=c_direct,
+                    label="Guided (exact targets)" + (", mean ± sd over seeds" if several else ""))
+            plotstyle.seed_errorbars(ax, xs, direct[metric], _sd(summ, metric)[direct.index],
+                                     direct["n_seeds"] if "n_seeds" in direct else 1, c_direct)
+            ax.set_xticks(xs)
+            ax.set_xticklabels([str(t).replace(f" {MODEL_DERIVED}", "\n" + MODEL_DERIVED) for t in direct["target"]])
+            other = summ.drop(index=direct.index)
+            refs = [c for c in plotstyle.colors(len(other) + 1) if c != c_direct]
+            for c, (_, r) in zip(refs, other.iterrows()):
+                ax.axhline(r[metric], ls="--", lw=1.2, color=c, label=r["_label"])
+            ax.set_xlabel("Target level (surrogate hierarchy, model-derived)")
+            ax.set_ylabel(ylabel)
+            plotstyle.legend(ax)
+            made.append(plotstyle.save(fig, out / name))
     return made
+
+
+CAPTION = ("Per arm: mean over seeds, ± the half-width of the 95% t-interval over seeds where two or more ran "
+           "(computed from the seed-to-seed sd columns of hierarchy_table.csv).")
+
+
+def write_summary(summ: pd.DataFrame, out: Path, eps: float = 0.02) -> dict[str, Path]:
+    """Writes hierarchy_table.md and the plots of a per-arm table ``summ`` (``summarize``'s output, or its
+    saved CSV) into ``out``; returns the paths by name."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = {"md": out / "hierarchy_table.md"}
+    show = summ[[c for c in summ.columns if not c.startswith("smooth@")]]
+    show = tables.with_intervals(show, "_sd", half=tables.t_half_width, n="n_seeds") if "n_seeds" in show else show
+    written["md"].write_text(
+        "# Neural guidance along the surrogate hierarchy\n\n" + NOTE + "\n\n" + tables.markdown(show, CAPTION) +
+        "\nrobust@e: PGD robust accuracy at L-inf radius e (analysis points); smoothness score: mean over the "
+        "radii of the mean squared input-gradient norm of the loss at the PGD points (lower = smoother); RSA: "
+        "Spearman correlation of the correlation-distance RDMs of the guided layer and of the target source on "
+        "held-out test images. For alpha = 0 controls, `target` is only the RSA reference (they train on labels "
+        "alone); for the random / shuffled controls it is the source the predictor was built from.\n")
+    for p in plots(summ, out, eps):
+        written[p.stem] = p
+    return written
 
 
 class NoRunsError(ValueError):
@@ -207,19 +237,8 @@ def write(dirs: Sequence[str | Path], out: str | Path | None = None, eps: float 
     out = Path(out if out is not None else dirs[0])
     out.mkdir(parents=True, exist_ok=True)
     summ = summarize(df)
-    written = {"csv": out / "hierarchy_table.csv", "md": out / "hierarchy_table.md"}
-    summ.to_csv(written["csv"], index=False)
-    show = summ[[c for c in summ.columns if not c.startswith("smooth@")]]
-    written["md"].write_text(
-        "# Neural guidance along the surrogate hierarchy\n\n" + NOTE + "\n\n" + to_markdown(show) +
-        "\nrobust@e: PGD robust accuracy at L-inf radius e (analysis points); smoothness_score: mean over the "
-        "radii of the mean squared input-gradient norm of the loss at the PGD points (lower = smoother); rsa: "
-        "Spearman correlation of the correlation-distance RDMs of the guided layer and of the target source on "
-        "held-out test images. For alpha = 0 controls, `target` is only the RSA reference (they train on labels "
-        "alone); for the random / shuffled controls it is the source the predictor was built from.\n")
-    for p in plots(summ, out, eps):
-        written[p.stem] = p
-    return written
+    summ.to_csv(out / "hierarchy_table.csv", index=False)
+    return {"csv": out / "hierarchy_table.csv", **write_summary(summ, out, eps)}
 
 
 try:   # the Hydra callback (Hydra is installed wherever run.py runs)
@@ -249,12 +268,15 @@ except ImportError:  # pragma: no cover
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("dirs", nargs="+", help="sweep or run directories")
+    ap.add_argument("dirs", nargs="*", help="sweep or run directories")
     ap.add_argument("--out", default=None, help="output folder (default: the first directory)")
     ap.add_argument("--eps", type=float, default=0.02, help="radius of robust_by_level.png (one of the analysis radii)")
+    ap.add_argument("--table", default=None, help="redraw from a saved hierarchy_table.csv instead (needs --out)")
     a = ap.parse_args(argv)
+    if (a.table is None) == (not a.dirs) or (a.table and a.out is None):
+        ap.error("give run directories, or --table CSV with --out DIR")
     try:
-        w = write(a.dirs, a.out, a.eps)
+        w = write_summary(pd.read_csv(a.table), Path(a.out), a.eps) if a.table else write(a.dirs, a.out, a.eps)
     except (FileNotFoundError, NoRunsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -19,7 +19,9 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from robustbench_lab.core import plotstyle, tables
 from robustbench_lab.core.cache import atomic_write_text
+from robustbench_lab.core.plotstyle import fmt_number
 from robustbench_lab.core.results import METRICS_FILE
 
 log = logging.getLogger(__name__)
@@ -85,9 +87,10 @@ def group_keys(df: pd.DataFrame) -> list[str]:
 
 
 def curve_label(values: dict[str, Any], swept: Sequence[str]) -> str:
-    """``attack / defense`` and the swept values that tell the curve apart (``attack.steps=10``)."""
-    extra = ", ".join(f"{k}={_fmt(values[k])}" for k in swept)
-    base = " / ".join(str(values[k]) for k in ("attack", "defense") if k in values)
+    """``attack / defense`` as users name them ("PGD / no defense") and the swept values that tell the curve
+    apart (``attack.steps=10``)."""
+    extra = ", ".join(f"{k}={fmt_number(values[k])}" for k in swept)
+    base = " / ".join(plotstyle.words(values[k]) for k in ("attack", "defense") if values.get(k, "") != "")
     return f"{base} ({extra})" if extra else base
 
 
@@ -113,53 +116,83 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return "" if math.isnan(v) else f"{v:.4g}"
-    return str(v)
+def _plot_robust_vs_eps(df: pd.DataFrame, summ: pd.DataFrame, groups: Callable, colour: dict[str, str],
+                        path: Path) -> Path:
+    """Robust accuracy vs epsilon, one panel per norm. Fixed-epsilon cells are points joined per curve (mean
+    over seeds; the 95% CI as a bar where 2+ seeds ran); a minimization attack run without epsilon (TR, CW,
+    DeepFool) is scored at every epsilon, so each of its runs' robust_accuracy_curve.csv is a step line."""
+    norms = sorted(summ["norm"].dropna().astype(str).unique()) or ["?"]
+    with plotstyle.style() as plt:
+        fig, axes = plt.subplots(1, len(norms), figsize=(5.0 * len(norms), 3.8), squeeze=False)
+        for ax, norm in zip(axes[0], norms):
+            part = summ[summ["norm"].astype(str) == norm]
+            for name, g in groups(part[part["eps"].notna()]):
+                g = g.sort_values("eps")
+                ax.plot(g["eps"], g["robust_accuracy"], marker="o", ms=4, color=colour[name], label=name)
+                plotstyle.seed_errorbars(ax, g["eps"], g["robust_accuracy"], g["robust_accuracy_ci95"], g["n_seeds"],
+                                         colour[name])
+            free = df[(df["norm"].astype(str) == norm) & df["eps"].isna()] if "run_dir" in df else df.iloc[:0]
+            for name, g in groups(free):
+                label = f"{name} (minimal norm)"
+                for run_dir in g["run_dir"]:
+                    curve_file = Path(run_dir) / "robust_accuracy_curve.csv"
+                    if not curve_file.is_file():
+                        continue
+                    c = pd.read_csv(curve_file)
+                    ax.plot(c["eps"], c["robust_accuracy"], drawstyle="steps-post", lw=1.4, color=colour[name],
+                            label=label)
+                    label = None     # one legend entry per curve, however many seeds
+            ax.set_xlabel(f"Epsilon ({plotstyle.words(norm)})")
+            ax.set_ylabel(plotstyle.words("robust_accuracy"))
+            ax.set_ylim(-0.02, 1.02)
+            plotstyle.legend(ax)
+        return plotstyle.save(fig, path)
 
 
-def to_markdown(df: pd.DataFrame) -> str:
-    cols = list(df.columns)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for _, r in df.iterrows():
-        lines.append("| " + " | ".join(_fmt(r[c]) for c in cols) + " |")
-    return "\n".join(lines) + "\n"
+def _plot_scatter(summ: pd.DataFrame, groups: Callable, colour: dict[str, str], x: str, y: str, path: Path,
+                  xscale: str = "linear") -> Path:
+    """``y`` against ``x``, one colour per curve (attack / defense / swept settings); 95% CI bars where 2+
+    seeds ran."""
+    with plotstyle.style() as plt:
+        fig, ax = plt.subplots(figsize=(5.6, 4.0))
+        for name, g in groups(summ):
+            ax.scatter(g[x], g[y], label=name, s=28, color=colour[name], zorder=3)
+            plotstyle.seed_errorbars(ax, g[x], g[y], g[f"{y}_ci95"], g["n_seeds"], colour[name],
+                                     xerr=g[f"{x}_ci95"])
+        ax.set_xscale(xscale)
+        ax.set_xlabel(plotstyle.words(x))
+        ax.set_ylabel(plotstyle.words(y))
+        plotstyle.legend(ax)
+        return plotstyle.save(fig, path)
 
 
-def to_latex(df: pd.DataFrame) -> str:
-    esc = lambda s: str(s).replace("_", r"\_").replace("%", r"\%").replace("&", r"\&")  # noqa: E731
-    cols = list(df.columns)
-    lines = [r"\begin{tabular}{" + "l" * len(cols) + "}", r"\toprule",
-             " & ".join(esc(c) for c in cols) + r" \\", r"\midrule"]
-    for _, r in df.iterrows():
-        lines.append(" & ".join(esc(_fmt(r[c])) for c in cols) + r" \\")
-    lines += [r"\bottomrule", r"\end{tabular}"]
-    return "\n".join(lines) + "\n"
-
-
-def _scatter_figure(fig: Any, ax: Any, xlabel: str, ylabel: str, path: Path) -> Path:
-    """Label, grid, legend and save a scatter figure; returns its path."""
-    import matplotlib.pyplot as plt
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+def _plot_seed_spread(df: pd.DataFrame, summ: pd.DataFrame, swept: list[str], path: Path) -> Path:
+    """Per cell: the robust accuracy of every seed (dots) and their mean with its 95% CI (where 2+ seeds)."""
+    labels = [curve_label(r, swept) + (f", eps {fmt_number(r['eps'])}" if fmt_number(r["eps"]) else ", minimal norm")
+              for r in summ.to_dict("records")]
+    with plotstyle.style() as plt:
+        fig, ax = plt.subplots(figsize=(max(5.6, 0.45 * len(summ) + 2.5), 4.4))
+        xs = np.arange(len(summ))
+        c_mean, c_seed = plotstyle.colors(2)
+        if "seed" in df:
+            # keyed through fmt_number so a missing epsilon (NaN) matches itself (astype(str) keeps NaN)
+            keys = ["attack", "defense", "norm", "eps", *swept]
+            pos = {tuple(fmt_number(r[k]) for k in keys): i for i, r in enumerate(summ.to_dict("records"))}
+            px = [pos.get(tuple(fmt_number(r[k]) for k in keys), np.nan) for r in df.to_dict("records")]
+            ax.scatter(px, df["robust_accuracy"], s=16, alpha=0.6, color=c_seed, label="Each seed", zorder=2)
+        ax.plot(xs, summ["robust_accuracy"], "D", ms=6, color=c_mean, label="Mean over seeds", zorder=3)
+        plotstyle.seed_errorbars(ax, xs, summ["robust_accuracy"], summ["robust_accuracy_ci95"], summ["n_seeds"],
+                                 c_mean, zorder=3)
+        ax.set_xticks(xs)
+        ax.set_xticklabels(labels, rotation=60, ha="right")
+        ax.set_xlim(-0.6, len(summ) - 0.4)
+        ax.set_ylabel(plotstyle.words("robust_accuracy"))
+        ax.set_title("Spread over seeds (bars: 95% CI where 2+ seeds ran)")
+        plotstyle.legend(ax)
+        return plotstyle.save(fig, path)
 
 
 def _plots(df: pd.DataFrame, summ: pd.DataFrame, out: Path) -> list[Path]:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    made = []
-    # robust accuracy vs epsilon per attack x defense, one panel per norm. Fixed-epsilon cells are points
-    # (mean over seeds, 95% CI); a minimization attack run without epsilon (TR, CW, DeepFool) is scored at
-    # every epsilon, so its run's robust_accuracy_curve.csv is drawn as a line (one per seed).
     swept = swept_keys(summ)
     curve = ["attack", "defense", *swept]
 
@@ -167,65 +200,19 @@ def _plots(df: pd.DataFrame, summ: pd.DataFrame, out: Path) -> list[Path]:
         for key, g in frame.groupby(curve, dropna=False):
             yield curve_label(dict(zip(curve, key)), swept), g
 
-    norms = sorted(summ["norm"].dropna().astype(str).unique()) or ["?"]
-    fig, axes = plt.subplots(1, len(norms), figsize=(5.5 * len(norms), 3.8), squeeze=False)
-    for ax, norm in zip(axes[0], norms):
-        part = summ[summ["norm"].astype(str) == norm]
-        fixed = part[part["eps"].notna()]
-        for name, g in groups(fixed):
-            g = g.sort_values("eps")
-            ax.errorbar(g["eps"], g["robust_accuracy"], yerr=g["robust_accuracy_ci95"].fillna(0), marker="o",
-                        ms=3, capsize=2, label=name)
-        free = df[(df["norm"].astype(str) == norm) & df["eps"].isna()] if "run_dir" in df else df.iloc[:0]
-        for name, g in groups(free):
-            label = f"{name} (min. norm)"
-            for run_dir in g["run_dir"]:
-                curve_file = Path(run_dir) / "robust_accuracy_curve.csv"
-                if not curve_file.is_file():
-                    continue
-                c = pd.read_csv(curve_file)
-                ax.plot(c["eps"], c["robust_accuracy"], drawstyle="steps-post", lw=1.2, label=label)
-                label = None
-        ax.set_xlabel(f"epsilon ({norm})")
-        ax.set_ylabel("robust accuracy")
-        ax.set_ylim(-0.02, 1.02)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    made.append(out / "robust_vs_eps.png")
-    fig.savefig(made[-1], dpi=110)
-    plt.close(fig)
-    # clean vs robust trade-off
-    fig, ax = plt.subplots(figsize=(4.8, 3.8))
-    for name, g in groups(summ):
-        ax.scatter(g["clean_accuracy"], g["robust_accuracy"], label=name, s=18)
-    made.append(_scatter_figure(fig, ax, "clean accuracy", "robust accuracy", out / "clean_vs_robust.png"))
-    # attack cost vs perturbation size
-    fig, ax = plt.subplots(figsize=(4.8, 3.8))
-    for atk, g in summ.groupby("attack"):
-        ax.scatter(g["grad_evals_per_example"], g["median_l2"], label=str(atk), s=18)
-    ax.set_xscale("symlog")
-    made.append(_scatter_figure(fig, ax, "gradient evaluations per example", "median L2 of successful perturbations",
-                                out / "cost_vs_size.png"))
-    # per-seed spread
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    labels = [curve_label(r, swept) + f", eps={_fmt(r['eps'])}" for r in summ.to_dict("records")]
-    ax.errorbar(range(len(summ)), summ["robust_accuracy"], yerr=summ["robust_accuracy_ci95"].fillna(0), fmt="o",
-                capsize=3)
-    if "seed" in df:
-        # keyed through _fmt so a missing epsilon (NaN) matches itself (pandas' astype(str) keeps NaN)
-        keys = ["attack", "defense", "norm", "eps", *swept]
-        pos = {tuple(_fmt(r[k]) for k in keys): i for i, r in enumerate(summ.to_dict("records"))}
-        xs = [pos.get(tuple(_fmt(r[k]) for k in keys), np.nan) for r in df.to_dict("records")]
-        ax.scatter(xs, df["robust_accuracy"], s=8, alpha=0.5, color="gray")
-    ax.set_xticks(range(len(summ)))
-    ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=6)
-    ax.set_ylabel("robust accuracy (mean, 95% CI; dots: seeds)")
-    fig.tight_layout()
-    made.append(out / "seed_spread.png")
-    fig.savefig(made[-1], dpi=110)
-    plt.close(fig)
-    return made
+    names = list(dict.fromkeys([n for n, _ in groups(summ)]))
+    colour = dict(zip(names, plotstyle.colors(len(names))))     # one colour per curve in every figure
+    attack_names = list(dict.fromkeys(plotstyle.words(a) for a in summ["attack"]))
+    return [_plot_robust_vs_eps(df, summ, groups, colour, out / "robust_vs_eps.png"),
+            _plot_scatter(summ, groups, colour, "clean_accuracy", "robust_accuracy", out / "clean_vs_robust.png"),
+            _plot_scatter(summ, lambda f: ((plotstyle.words(a), g) for a, g in f.groupby("attack")),
+                          dict(zip(attack_names, plotstyle.colors(len(attack_names)))), "grad_evals_per_example",
+                          "median_l2", out / "cost_vs_size.png", xscale="symlog"),
+            _plot_seed_spread(df, summ, swept, out / "seed_spread.png")]
+
+
+CAPTION = ("Mean over seeds per setting; ± the half-width of the 95% t-interval over seeds where two or more "
+           "ran (one seed: the value alone). comparison_summary.csv holds both columns.")
 
 
 def aggregate(dirs: Sequence[str | Path], out: str | Path | None = None) -> dict[str, Path]:
@@ -240,14 +227,13 @@ def aggregate(dirs: Sequence[str | Path], out: str | Path | None = None) -> dict
     written["csv"] = out / "comparison.csv"
     summ = summarize(cells)
     atomic_write_text(out / "comparison_summary.csv", summ.to_csv(index=False))
-    show = summ[[c for c in summ.columns if not c.endswith("_ci95")]] if len(summ) else summ
+    show = tables.with_intervals(summ) if len(summ) else summ
     md = ["# Comparison", "", f"{len(cells)} finished cells, {len(failed)} failed, from: "
-          + ", ".join(str(d) for d in dirs), "", "Mean over seeds (95% confidence intervals in "
-          "comparison_summary.csv).", "", to_markdown(show) if len(show) else "(no finished cells)"]
+          + ", ".join(str(d) for d in dirs), "", tables.markdown(show, CAPTION) if len(show) else "(no finished cells)"]
     if len(failed):
-        md += ["", "## Failed cells", "", to_markdown(failed)]
-    atomic_write_text(out / "comparison.md", "\n".join(md) + "\n")
-    atomic_write_text(out / "comparison.tex", to_latex(show) if len(show) else "")
+        md += ["## Failed cells", "", tables.markdown(failed, "Cells that failed, with their error and overrides.")]
+    atomic_write_text(out / "comparison.md", "\n".join(md))
+    atomic_write_text(out / "comparison.tex", tables.latex(show, CAPTION, label="tab:comparison") if len(show) else "")
     written.update(md=out / "comparison.md", tex=out / "comparison.tex", summary=out / "comparison_summary.csv")
     if len(summ):
         for p in _plots(cells, summ, out):

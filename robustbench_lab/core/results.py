@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Callable
@@ -18,6 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from robustbench_lab.core import plotstyle
 from robustbench_lab.core.cache import atomic_write_text
 
 METRICS_FILE = "metrics.json"
@@ -148,44 +150,47 @@ def summary_markdown(m: dict[str, Any], extra_sections: list[str] | None = None)
 
 def plot_examples(path: Path, x: torch.Tensor, x_adv: torch.Tensor, y: np.ndarray, clean_pred: np.ndarray,
                   adv_pred: np.ndarray, class_names: list[str] | None = None, n: int = 8) -> None:
-    """A grid: clean images (top row) and their adversarial versions (bottom row), with predictions."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = min(n, x.shape[0])
-    fig, axes = plt.subplots(2, max(n, 1), figsize=(1.6 * max(n, 1), 3.6), squeeze=False)
+    """Up to ``n`` examples, four to a row: each clean image above its adversarial version, each titled with
+    the prediction (red: wrong). ``x``, ``x_adv`` (N, C, H, W) in [0, 1]; ``y`` and the predictions (N,)."""
+    n = max(min(n, x.shape[0]), 1)
+    cols = min(n, 4)                  # four pairs to a row keep the figure narrow enough to be shown unscaled
+    pairs = -(-n // cols)
     name = (lambda c: class_names[c] if class_names and 0 <= c < len(class_names) else str(c))
-    for i in range(n):
-        for row, img, pred in ((0, x[i], clean_pred[i]), (1, x_adv[i], adv_pred[i])):
-            ax = axes[row][i]
-            im = img.detach().cpu().float()
-            if im.shape[0] == 1:
-                ax.imshow(im[0].numpy(), cmap="gray", vmin=0, vmax=1)
-            else:
-                ax.imshow(im.permute(1, 2, 0).clamp(0, 1).numpy())
-            ok = pred == y[i]
-            ax.set_title(("clean: " if row == 0 else "adv: ") + name(int(pred)), fontsize=7,
-                         color="green" if ok else "red")
-            ax.axis("off")
-    fig.suptitle("clean (top) vs adversarial (bottom); red = misclassified", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    wrong, right = plotstyle.colors(2)[::-1]      # vermillion for a misclassified image, blue otherwise
+    with plotstyle.style() as plt:
+        fig, axes = plt.subplots(2 * pairs, cols, figsize=(1.45 * cols + 0.8, 3.3 * pairs + 0.4), squeeze=False)
+        for i in range(pairs * cols):
+            for row, img, pred in ((0, x, clean_pred), (1, x_adv, adv_pred)):
+                ax = axes[2 * (i // cols) + row][i % cols]
+                ax.set_xticks([])
+                ax.set_yticks([])
+                ax.grid(False)
+                if i >= n:
+                    ax.set_axis_off()
+                    continue
+                if i % cols == 0:
+                    ax.set_ylabel("clean" if row == 0 else "adversarial")
+                im = img[i].detach().cpu().float()
+                if im.shape[0] == 1:
+                    ax.imshow(im[0].numpy(), cmap="gray", vmin=0, vmax=1)
+                else:
+                    ax.imshow(im.permute(1, 2, 0).clamp(0, 1).numpy())
+                label = name(int(pred[i]))
+                ax.set_title(label.replace("/", "/\n", 1) if len(label) > 10 else label,
+                             color=right if int(pred[i]) == int(y[i]) else wrong)
+        fig.suptitle("Predictions, clean above adversarial; red = misclassified")
+        plotstyle.save(fig, path)
 
 
 def plot_curve(path: Path, curve: pd.DataFrame, title: str, xlabel: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4.5, 3.2))
-    ax.plot(curve["eps"], curve["robust_accuracy"], marker="o", ms=3)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("robust accuracy")
-    ax.set_ylim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    """Robust accuracy (``curve["robust_accuracy"]``, in [0, 1]) against ``curve["eps"]``."""
+    with plotstyle.style() as plt:
+        fig, ax = plt.subplots(figsize=(5.0, 3.6))
+        ax.plot(curve["eps"], curve["robust_accuracy"], marker="o", ms=3, color=plotstyle.colors(1)[0])
+        # callers pass "epsilon (<norm>)": the norm as users write it, the label capitalised like the y axis
+        xlabel = re.sub(r"\((\w+)\)", lambda m: f"({plotstyle.words(m.group(1))})", xlabel)
+        ax.set_xlabel(xlabel[:1].upper() + xlabel[1:])
+        ax.set_ylabel(plotstyle.words("robust_accuracy"))
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(plotstyle.wrap(title, 5.0, 10))
+        plotstyle.save(fig, path)

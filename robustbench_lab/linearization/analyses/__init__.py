@@ -16,7 +16,7 @@ Each analysis writes a CSV table and a PNG plot through the run's ``ResultWriter
 
 One module per analysis (``unit_spectra``, ``stage_spectra``, ``scale_sweep``, ``propagation``, ``energy``),
 sharing ``context`` (the options, images, model and writer of a run), ``tables`` (statistics and table rows
-of spectra) and ``plots``; ``runner.run_all`` runs the selected ones in a fixed order and
+of spectra) and ``plots`` (every analysis' figure, drawn from its table and spectra alone); ``runner.run_all`` runs the selected ones in a fixed order and
 ``runner.summary_markdown`` writes the summary. This package imports nothing itself.
 
 Spectra come from ``robustbench_lab.linearization.spectra.singular_values`` on Jacobian operators of either

@@ -12,7 +12,7 @@ import pandas as pd
 from scipy.sparse.linalg import ArpackNoConvergence
 
 from robustbench_lab.linearization.analyses.context import Context, Results
-from robustbench_lab.linearization.analyses.plots import pyplot, stage_lines, wrap
+from robustbench_lab.linearization.analyses.plots import Caption, plot_energy
 from robustbench_lab.linearization.analyses.propagation import Perturbations
 from robustbench_lab.linearization.analyses.tables import fmt, markdown_table
 from robustbench_lab.linearization.spectra import one_thread, svd_lanczos
@@ -68,29 +68,8 @@ def energy(ctx: Context, res: Results, pert: Perturbations) -> None:
     agg = agg.reset_index()
     ctx.writer.write_csv("energy.csv", agg)
     res.tables["energy"] = agg
-    plt = pyplot()
-    width = max(6.0, 0.3 * len(ctx.units) + 2)
-    fig, axes = plt.subplots(len(o.boundaries), 1, figsize=(width, 3.3 * len(o.boundaries)), squeeze=False)
-    for ax, b in zip(axes[:, 0], o.boundaries):
-        sub = agg[agg["boundary"] == b]
-        xs = np.arange(len(sub))
-        for kind, color in (("random", "C0"), ("adversarial", "C3")):
-            if f"{kind}_mean" in sub:
-                ax.errorbar(xs, sub[f"{kind}_mean"], yerr=sub[f"{kind}_std"], fmt="o-", color=color, ms=3, lw=1,
-                            capsize=2, label=kind)
-        ax.plot(xs, sub["chance"], "k:", lw=1, label="k / n (random direction)")
-        ax.set_yscale("log")
-        stage_lines(ax, ctx.stage_starts(ctx.units))
-        ax.set_xticks(xs)
-        ax.set_xticklabels(sub["unit"], rotation=90, fontsize=7)
-        ax.set_ylabel(f"energy in top-{o.k} subspace")
-        ax.legend(fontsize=7)
-        ax.set_title(wrap(f"{ctx.label}: share of the perturbation (at each unit's input) in the span of the "
-                           f"unit's top-{o.k} right singular vectors; {ctx.block_type}, boundary {b}",
-                           fig.get_figwidth(), 8), fontsize=8)
-    fig.tight_layout()
-    fig.savefig(ctx.writer.path("energy.png"), dpi=110)
-    plt.close(fig)
+    plot_energy(ctx.writer.path("energy.png"), agg, o.boundaries, o.k, Caption(ctx.label, ctx.block_type),
+                ctx.stage_starts(ctx.units), x.shape[0])
     for b in o.boundaries:
         sub = agg[agg["boundary"] == b]
         for kind in ("random", "adversarial"):
@@ -101,5 +80,6 @@ def energy(ctx: Context, res: Results, pert: Perturbations) -> None:
              "`energy.png`. chance = k / n_in, the expected share of a random direction.", ""]
     lines += markdown_table(["boundary", "unit", "random", "adversarial", "chance"],
                             [[r["boundary"], r["unit"], fmt(r.get("random_mean")), fmt(r.get("adversarial_mean")),
-                              fmt(r["chance"])] for _, r in agg.iterrows()])
+                              fmt(r["chance"])] for _, r in agg.iterrows()],
+                            f"Mean share of the perturbation's energy in each unit's top-{o.k} subspace.")
     res.sections.append("\n".join(lines))

@@ -14,7 +14,7 @@ import torch
 from robustbench_lab.core.attack_base import Attack
 from robustbench_lab.core.model import Classifier
 from robustbench_lab.linearization.analyses.context import Context, Results
-from robustbench_lab.linearization.analyses.plots import pyplot, stage_lines, wrap
+from robustbench_lab.linearization.analyses.plots import Caption, plot_propagation
 from robustbench_lab.linearization.analyses.tables import fmt, markdown_table
 from robustbench_lab.linearization.units import hidden_states
 
@@ -115,35 +115,13 @@ def propagation(ctx: Context, res: Results, pert: Perturbations) -> None:
     lines += markdown_table(
         ["state", "median L2 of dh, random", "median L2 of dh, adversarial", "median ratio adv/random"],
         [[names[j], fmt(median(j, "random")), fmt(median(j, "adversarial")), fmt(np.nanmedian(ratio[j]))]
-         for j in [0] + stage_ends + [len(names) - 1]])
+         for j in [0] + stage_ends + [len(names) - 1]],
+        "How far each perturbation moves the stem, the end of every stage and the logits (medians over images).")
     res.sections.append("\n".join(lines))
 
 
 def _plot_propagation(ctx: Context, df: pd.DataFrame, names: list[str]) -> None:
-    plt = pyplot()
-    fig, axes = plt.subplots(2, 1, figsize=(max(7.0, 0.28 * len(names) + 2), 6.4), sharex=True)
-    for kind, color in (("random", "C0"), ("adversarial", "C3")):
-        sub = df[df["kind"] == kind]
-        for ax, col in zip(axes, ("diff_l2", "gain")):
-            g = sub.groupby("state_index")[col]
-            mean, lo, hi = g.mean(), g.min(), g.max()
-            ax.plot(mean.index, mean.to_numpy(), "o-", color=color, ms=3, lw=1, label=f"{kind} (mean)")
-            ax.fill_between(mean.index, lo.to_numpy(), hi.to_numpy(), color=color, alpha=0.2)
     starts = [j - 0.5 for j in range(1, len(names)) if names[j] in {u.name for u in ctx.all_units}
               and (names[j - 1] == "stem" or ctx.stage_of(names[j]) != ctx.stage_of(names[j - 1]))]
     starts.append(len(names) - 1.5)   # the head (pooling + linear layer)
-    for ax in axes:
-        stage_lines(ax, starts)
-    axes[0].set_yscale("log")
-    axes[0].set_ylabel("||h_k(x+d) - h_k(x)||_2")
-    axes[1].set_ylabel("gain ||dh_k|| / ||dh_{k-1}||")
-    axes[1].axhline(1.0, color="k", lw=0.6)
-    axes[0].legend(fontsize=7)
-    axes[1].set_xticks(range(len(names)))
-    axes[1].set_xticklabels(names, rotation=90, fontsize=7)
-    axes[0].set_title(wrap(f"{ctx.label}: random vs adversarial d of equal L2 norm, {df['image'].nunique()} "
-                            f"images (bands min-max); {ctx.block_type}, states h_k = unit outputs after the "
-                            "post-addition ReLU", fig.get_figwidth(), 8), fontsize=8)
-    fig.tight_layout()
-    fig.savefig(ctx.writer.path("propagation.png"), dpi=110)
-    plt.close(fig)
+    plot_propagation(ctx.writer.path("propagation.png"), df, names, starts, Caption(ctx.label, ctx.block_type))

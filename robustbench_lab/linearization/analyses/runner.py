@@ -70,5 +70,5 @@ def summary_markdown(m: dict[str, Any], sections: list[str]) -> str:
                  ["perturbation attack", f"{m.get('attack')} (L2)"],
                  ["clean accuracy on the evaluation subset",
                   f"{fmt(m.get('clean_accuracy'))} ({m['n_examples']} points)"],
-                 ["checkpoint", m.get("checkpoint")]]), ""]
+                 ["checkpoint", m.get("checkpoint")]], "The run's settings."), ""]
     return "\n".join(lines + [s + "\n" for s in sections])

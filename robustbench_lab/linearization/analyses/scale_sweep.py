@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 
 from robustbench_lab.linearization.analyses.context import Context, Results
-from robustbench_lab.linearization.analyses.plots import pyplot, wrap
+from robustbench_lab.linearization.analyses.plots import Caption, plot_scale_sweep
 from robustbench_lab.linearization.analyses.tables import aggregate, fmt, markdown_table, spectrum_stats
 from robustbench_lab.linearization.units import get_block, scaled, unit_function, unit_input
 
@@ -48,34 +48,8 @@ def scale_sweep(ctx: Context, res: Results) -> None:
     df = pd.DataFrame(rows)
     ctx.writer.write_csv("scale_sweep.csv", df)
     res.tables["scale_sweep"] = df
-    plt = pyplot()
-    fig, axes = plt.subplots(len(o.boundaries), 2, figsize=(9, 3.4 * len(o.boundaries)), squeeze=False)
-    for row, b in zip(axes, o.boundaries):
-        for ax, kind in zip(row, ("skip", "weight")):
-            for j, (kk, lam, c) in enumerate([s for s in settings if s[0] == kind]):
-                specs = curves[(b, kk, lam, c)]
-                lab = f"lambda={lam:g}" if kind == "skip" else f"weights x{c:g}"
-                if all(s.complete for s in specs):
-                    m = min(s.values.size for s in specs)
-                    mean = np.mean([s.values[:m] for s in specs], axis=0)
-                    ax.plot(np.arange(m) / m, mean, color=f"C{j}", lw=1.2, label=lab)
-                else:
-                    for s in specs:
-                        idx = np.concatenate([np.arange(s.top.size), s.n - s.bottom.size + np.arange(s.bottom.size)])
-                        ax.plot(idx / s.n, s.values, ".", color=f"C{j}", ms=3, label=lab if s is specs[0] else None)
-            ax.set_xlabel("i / n (singular values, descending)")
-            ax.set_ylabel("singular value")
-            ax.set_yscale("symlog", linthresh=1e-2)
-            ax.set_ylim(bottom=0)
-            ax.legend(fontsize=6)
-            ax.set_title(wrap(f"{ref.name} ({type(block).__name__}), boundary {b}: " + (
-                "skip scale lambda (weights x1)" if kind == "skip" else "residual weights x c (lambda 1)"),
-                fig.get_figwidth() / 2), fontsize=7)
-    fig.suptitle(wrap(f"{ctx.label}: spectra of unit {ref.name} under scaling, mean over {x.shape[0]} images",
-                       fig.get_figwidth(), 8), fontsize=8)
-    fig.tight_layout()
-    fig.savefig(ctx.writer.path("scale_sweep.png"), dpi=110)
-    plt.close(fig)
+    plot_scale_sweep(ctx.writer.path("scale_sweep.png"), curves, settings, o.boundaries, ref.name,
+                     type(block).__name__, Caption(ctx.label, ctx.block_type), x.shape[0])
     for r in rows:
         tag = f"lambda={r['skip_scale']:g}" if r["sweep"] == "skip" else f"weight={r['weight_scale']:g}"
         res.metrics[f"sweep/{r['boundary']}/{tag}/frac_eq_lambda"] = r["frac_eq_lambda"]
@@ -89,5 +63,6 @@ def scale_sweep(ctx: Context, res: Results) -> None:
         ["boundary", "sweep", "lambda", "weights x", "frac. within tol of abs(lambda)", "frac. within tol of 1", "min",
          "max"],
         [[r["boundary"], r["sweep"], f"{r['skip_scale']:g}", f"{r['weight_scale']:g}", fmt(r["frac_eq_lambda"]),
-          fmt(r["frac_one"]), fmt(r["sigma_min"]), fmt(r["sigma_max"])] for r in rows])
+          fmt(r["frac_one"]), fmt(r["sigma_min"]), fmt(r["sigma_max"])] for r in rows],
+        f"The spectrum of unit {ref.name} as its skip scale and its residual weights vary (means over images).")
     res.sections.append("\n".join(lines))

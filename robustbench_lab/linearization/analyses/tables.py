@@ -8,7 +8,10 @@ import math
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+import pandas as pd
 
+from robustbench_lab.core import tables
+from robustbench_lab.core.plotstyle import fmt_number
 from robustbench_lab.linearization.spectra import Spectrum, count_near
 
 
@@ -74,17 +77,12 @@ def aggregate(specs: list[Spectrum], stats: list[dict[str, float]]) -> dict[str,
 
 
 def fmt(v: Any) -> str:
-    """A number for a Markdown table: 4 significant digits, "n/a" for None or NaN."""
-    if v is None:
-        return "n/a"
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return str(v)
-    return "n/a" if math.isnan(f) else f"{f:.4g}"
+    """A number for a table: 4 significant digits, "n/a" for None or NaN."""
+    return fmt_number(v) or "n/a"
 
 
-def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
-    """The lines of a Markdown table; cells are written as given (format numbers with ``fmt`` first)."""
-    line = (lambda cells: "| " + " | ".join(str(c) for c in cells) + " |")
-    return [line(header), "|" + "---|" * len(header)] + [line(r) for r in rows]
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]], caption: str) -> list[str]:
+    """The lines of a Markdown table (``robustbench_lab.core.tables``: captioned, escaped, numbers
+    right-aligned); cells are written as given (format numbers with ``fmt`` first)."""
+    df = pd.DataFrame([list(r) for r in rows], columns=range(len(header)))
+    return tables.markdown(df, caption, headers=list(header)).rstrip("\n").split("\n")
