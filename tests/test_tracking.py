@@ -17,18 +17,24 @@ import zlib
 from pathlib import Path
 
 import pytest
+import torch
+from torch import nn
 
 from robustbench_lab.app.execute import execute
-from robustbench_lab.app.tracking import HEADLINE
+from robustbench_lab.app.tracking import HEADLINE, stage_prefix
+from robustbench_lab.core import data as data_mod
 from robustbench_lab.core.cache import CheckpointCache, sha256_file
+from robustbench_lab.core.model import Classifier
+from robustbench_lab.core.recipe import Recipe
+from robustbench_lab.core.train import StandardTraining, get_or_train, run_epochs, train
 
 from conftest import compose, fashion_available
 
 wandb = pytest.importorskip("wandb")
 from wandb.proto import wandb_internal_pb2 as pb  # noqa: E402  (only once wandb is known to be installed)
 
-pytestmark = [pytest.mark.skipif(not fashion_available(), reason="Fashion-MNIST not installed"),
-              pytest.mark.usefixtures("one_thread")]
+pytestmark = pytest.mark.usefixtures("one_thread")
+needs_data = pytest.mark.skipif(not fashion_available(), reason="Fashion-MNIST not installed")
 
 EPOCHS = 2
 TINY = ["model=small_cnn", "model.train.max_train=1000", f"model.train.epochs={EPOCHS}", "data.n_eval=32",
@@ -137,6 +143,7 @@ def check_model_artifact(run: dict, saved: dict) -> dict:
     return sidecar
 
 
+@needs_data
 def test_offline_run_holds_curves_summary_artifacts_and_marks_cache_and_restore(wandb_env):
     root = wandb_env
     cfg = compose(TINY + ["logger=wandb", "logger.mode=offline"])
@@ -186,6 +193,7 @@ def test_offline_run_holds_curves_summary_artifacts_and_marks_cache_and_restore(
     assert not run3["artifacts"] and not curve(run3, "train/loss")   # nothing was recomputed or retrained
 
 
+@needs_data
 def test_logger_none_writes_nothing(wandb_env, monkeypatch):
     def no_wandb(*_, **__):
         raise AssertionError("wandb.init called with logger=none")
@@ -198,3 +206,61 @@ def test_logger_none_writes_nothing(wandb_env, monkeypatch):
         assert not (wandb_env / d / "wandb").exists()
     for sub in ("wandb_dir", "wandb_data", "wandb_cache", "wandb_config"):
         assert not any((wandb_env / sub).iterdir()), sub
+
+
+def _mlp(seed: int = 0) -> Classifier:
+    torch.manual_seed(seed)
+    return Classifier(nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 8), nn.ReLU(), nn.Linear(8, 10)), (0.5,), (0.25,), 10)
+
+
+def test_every_stage_of_a_checkpoint_reports_its_epochs_and_nothing_else(tmp_path):
+    """get_or_train's observer hears each epoch of every stage that builds this checkpoint, with the rate
+    each epoch's last step used; not the training of another checkpoint nested inside; not a cache hit."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 256, (50, 1, 28, 28), generator=g, dtype=torch.uint8), torch.randint(0, 10, (50,), generator=g)
+    splits = data_mod.Splits(data_mod.get_card("fashion_mnist"), x[:30], y[:30], x[30:40], y[30:40], x[40:], y[40:],
+                             torch.arange(10), torch.arange(10))
+    recipe = Recipe(epochs=2, batch_size=10, augment=False, schedule="cosine", lr=0.1)   # 3 steps an epoch
+    cache = CheckpointCache(tmp_path)
+
+    class WarmThenTrain(StandardTraining):
+        def fit(self, model, splits, recipe, device, seed, *, cache=None, spec=None, progress=False):
+            get_or_train(_mlp(1), {"other": 1}, splits, recipe, cache, device, seed, progress=False)   # not ours
+            w = nn.Parameter(torch.zeros(()))
+            run_epochs(lambda xb: (w - 1) ** 2, lambda _: [(xb,) for xb in x[:2]], torch.optim.SGD([w], lr=0.5), 1,
+                       desc="ACL simclr pre-training")
+            return train(model, splits, recipe, device, seed, self, progress=False)
+
+    heard: list[dict] = []
+    meta = get_or_train(_mlp(), {"mine": 1}, splits, recipe, cache, torch.device("cpu"), 0, WarmThenTrain(),
+                        progress=False, on_epoch=heard.append)
+    assert [(r["stage"], r["epoch"]) for r in heard] == [("ACL simclr pre-training", 1), ("train epoch", 1),
+                                                        ("train epoch", 2)]
+    assert [stage_prefix(r["stage"]) for r in heard] == ["acl_simclr_pre-training", "train", "train"]
+    lr_last = [0.1 * (1 + math.cos(math.pi * k / 6)) / 2 for k in (2, 5)]   # cosine over 6 steps, steps 3 and 6
+    assert [r["lr"] for r in heard[1:]] == pytest.approx(lr_last)
+    assert [r["train_loss"] for r in heard[1:]] == meta["history"]["train_loss"]
+    assert all(0 <= r["train_accuracy"] <= 1 and 0 <= r["val_accuracy"] <= 1 for r in heard[1:])
+    assert CheckpointCache(tmp_path).meta(meta["key"])["epochs"] == heard   # what a cache hit shows
+    heard.clear()
+    again = get_or_train(_mlp(), {"mine": 1}, splits, recipe, cache, torch.device("cpu"), 0, WarmThenTrain(),
+                         progress=False, on_epoch=heard.append)
+    assert again["cache_hit"] is True and heard == []
+
+
+def test_a_checkpoint_file_of_the_user_is_logged_with_its_sha256(wandb_env):
+    """``model.checkpoint=<file>``: no cache key, no curves; the artifact is that file, named by its hash."""
+    from robustbench_lab.app.tracking import WandbTracker
+    from robustbench_lab.core.cache import save_weights
+    weights = wandb_env / "mine.safetensors"
+    digest = save_weights(_mlp(), weights)
+    t = WandbTracker(project="t")
+    t.start(config={}, run_dir=wandb_env / "r", name="file")
+    t.log_checkpoint({"checkpoint": str(weights), "cache_hit": None})
+    t.finish(0)
+    run = read_offline_run(wandb_env / "r")
+    meta = json.loads(artifact(run, "model").metadata)
+    assert meta["sha256"] == digest == sha256_file(weights) and meta["cache_key"] is None
+    assert artifact(run, "model").name == f"checkpoint-{digest[:20]}"
+    assert run["summary"]["checkpoint/source"] == "file" and run["summary"]["train/from_cache"] is False
+    assert "checkpoint:file" in run["tags"] and not curve(run, "train/loss")
