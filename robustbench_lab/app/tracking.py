@@ -109,8 +109,9 @@ class WandbTracker(NullTracker):
         self._guard("log", lambda: self.run.log(row))
 
     def log_checkpoint(self, info: dict[str, Any]) -> None:
-        """The run's checkpoint (``load_model``'s record: ``checkpoint`` path, ``cache_hit``) as a ``model``
-        artifact with its cache key and SHA-256; when it came from the cache, its training curves, once.
+        """The run's checkpoint (``load_model``'s record: ``checkpoint`` path, ``cache_hit``, and where present
+        ``checkpoint_source``) as a ``model`` artifact with its cache key and SHA-256; when it came from the
+        cache, its training curves, once.
 
         Added in place (policy immutable): cache entries are content-addressed and never rewritten, and a
         copy of every checkpoint per run would fill the disk; sync before the cache is cleared."""
@@ -118,7 +119,7 @@ class WandbTracker(NullTracker):
             return
         path, hit = Path(info["checkpoint"]), info.get("cache_hit")
         meta = (CheckpointCache(path.parent).meta(path.stem) or {}) if hit is not None else {}
-        source = "file" if hit is None else "cache" if hit else "trained"
+        source = info.get("checkpoint_source") or ("file" if hit is None else "cache" if hit else "trained")
         if hit:
             for record in meta.get("epochs") or epoch_records(meta.get("history") or {}, "train"):
                 self.log_epoch(record)
