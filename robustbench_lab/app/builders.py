@@ -22,7 +22,7 @@ from robustbench_lab.core.errors import ConfigError
 from robustbench_lab.core.model import Classifier
 from robustbench_lab.core.norms import Norm
 from robustbench_lab.core.recipe import Recipe
-from robustbench_lab.core.train import get_or_train
+from robustbench_lab.core.train import EpochCallback, get_or_train
 from robustbench_lab.core.train import checkpoint_spec as train_checkpoint_spec
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -147,10 +147,12 @@ def checkpoint_spec(cfg: DictConfig, recipe: Recipe, defense: Defense) -> dict[s
 
 
 def load_model(cfg: DictConfig, device: torch.device, defense: Defense, recipe: Recipe,
-               splits: data_mod.Splits) -> tuple[Classifier, dict[str, Any]]:
+               splits: data_mod.Splits, on_epoch: EpochCallback | None = None) -> tuple[Classifier, dict[str, Any]]:
     """The run's trained model: ``model.checkpoint`` if given, else the checkpoint cache, which takes the
-    package's shipped checkpoint when it is the one asked for (trained when absent, or with ``retrain=true``). Every task loads through here, so they share one cache entry for the same model, data split,
-    recipe, training-time defense and seed. Returns the model (on ``device``, eval mode) and what to record."""
+    package's shipped checkpoint when it is the one asked for (trained when absent, or with ``retrain=true``).
+    Every task loads through here, so they share one cache entry for the same model, data split, recipe,
+    training-time defense and seed. Returns the model (on ``device``, eval mode) and what to record.
+    ``on_epoch`` gets every training epoch's record when the model is trained here (``get_or_train``)."""
     if cfg.model.get("checkpoint"):
         with torch.random.fork_rng(devices=[]):   # the weights come from the file: leave the global stream
             model = build_model(cfg, splits.card)
@@ -161,7 +163,8 @@ def load_model(cfg: DictConfig, device: torch.device, defense: Defense, recipe: 
     model = build_model(cfg, splits.card)   # fresh init under the training seed
     cache = CheckpointCache(Path(cfg.paths.cache_dir) / "checkpoints")
     meta = get_or_train(model, spec, splits, recipe, cache, device, spec["seed"], defense.training_procedure(),
-                        progress=bool(cfg.get("progress", True)), retrain=bool(cfg.get("retrain", False)))
+                        progress=bool(cfg.get("progress", True)), retrain=bool(cfg.get("retrain", False)),
+                        on_epoch=on_epoch)
     return model.to(device).eval(), {
         "checkpoint": str(cache.weights_path(meta["key"])), "cache_hit": meta["cache_hit"],
         "checkpoint_source": meta.get("source", "cache" if meta["cache_hit"] else "trained"),

@@ -7,7 +7,8 @@ into the new job directory instead of recomputing them. Failed and missing cells
 
 Each stored cell carries ``manifest.json`` (the SHA-256 of every file in it) and ``cell_config.json`` (the
 config its key is the hash of); a cell whose files do not match, or whose config does not hash to its key,
-is reported, removed and recomputed, never restored.
+is reported, removed and recomputed, never restored. ``origin.json`` names the run directory (and W&B run)
+that computed the cell, so a restored run can point at it.
 """
 
 from __future__ import annotations
@@ -24,11 +25,13 @@ from typing import Any
 from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
+from robustbench_lab.app.tracking import wandb_run_ids
 from robustbench_lab.core.cache import atomic_write_text, canonical_json, content_key, sha256_file
 from robustbench_lab.core.results import METRICS_FILE
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
+ORIGIN = "origin.json"
 
 # Classes that moved to another module keep their former import path in the key, so cells stored before the
 # move are still found (the path names the same class; it changes no number).
@@ -127,6 +130,8 @@ class CellStore:
                     if (run_dir / name).is_file() and name != METRICS_FILE:
                         shutil.copy2(run_dir / name, tmp / name)
                 (tmp / "cell_config.json").write_text(canonical_json(relevant_config(cfg)))
+                (tmp / ORIGIN).write_text(json.dumps({"run_dir": str(Path(run_dir).resolve()),
+                                                      "wandb_runs": wandb_run_ids(run_dir)}, indent=2))
                 shutil.copy2(run_dir / METRICS_FILE, tmp / METRICS_FILE)
                 (tmp / MANIFEST).write_text(json.dumps(
                     {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}, indent=2, sort_keys=True))
@@ -169,7 +174,9 @@ class CellStore:
 
     def restore(self, key: str, run_dir: Path) -> dict[str, Any] | None:
         """Copy a stored cell's results into ``run_dir`` (metrics.json last). Returns its metrics, or None
-        when the stored cell is damaged (it is then removed, so the caller recomputes it)."""
+        when the stored cell is damaged (it is then removed, so the caller recomputes it). The metrics name
+        where they come from: ``restored_from_cell``, and the run directory and last W&B run id that computed
+        them (``restored_from_run``, ``restored_from_wandb_run``; None for cells stored without ``origin.json``)."""
         src = self.path(key)
         problem = self.verify(key)
         if problem is not None:
@@ -182,6 +189,12 @@ class CellStore:
                 shutil.copy2(src / name, run_dir / name)
         metrics = json.loads((src / METRICS_FILE).read_text())
         metrics["restored_from_cell"] = str(src)
+        try:
+            origin = json.loads((src / ORIGIN).read_text())   # verified with the manifest above
+        except FileNotFoundError:
+            origin = {}
+        metrics["restored_from_run"] = origin.get("run_dir")
+        metrics["restored_from_wandb_run"] = (origin.get("wandb_runs") or [None])[-1]
         atomic_write_text(run_dir / METRICS_FILE, json.dumps(metrics, indent=2, sort_keys=True))
         with contextlib.suppress(FileNotFoundError):
             (run_dir / "failed.json").unlink()

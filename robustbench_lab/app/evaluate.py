@@ -21,7 +21,7 @@ from robustbench_lab.app.builders import (CONF_DIR, attack_from_name, build_atta
 from robustbench_lab.app.assess import assess, finish, write_assessment
 from robustbench_lab.app.cells import config_hash, settings
 from robustbench_lab.app.curve import needs_curve, robustness_curve
-from robustbench_lab.app.tracking import make_tracker, run_name
+from robustbench_lab.app.tracking import make_tracker, run_identity
 from robustbench_lab.app.validate import validate
 from robustbench_lab.core import data as data_mod
 from robustbench_lab.core.errors import ConfigError
@@ -45,10 +45,7 @@ def run_evaluation(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | 
     recipe = Recipe.from_config(cfg.model.get("train"))
     tracker = make_tracker(cfg.get("logger"))
     tracker.start(config=OmegaConf.to_container(cfg, resolve=True), run_dir=run_dir,
-                  name=run_name(f"{attack_label}-{cfg.defense.name}-{cfg.model.name}-s{cfg.seed}", overrides),
-                  group=cfg.logger.get("group") if cfg.get("logger") else None,
-                  tags=[f"attack:{a.name}" for a in attacks] + [f"defense:{cfg.defense.name}", f"model:{cfg.model.name}",
-                        f"data:{cfg.data.name}"])
+                  **run_identity(cfg, overrides, [a.name for a in attacks], attack_label))
     exit_code = 1
     try:
         metrics = _evaluate(cfg, run_dir, device, attacks, attack_label, eps, defense, recipe, tracker, t_start,
@@ -78,7 +75,8 @@ def _evaluate(cfg, run_dir, device, attacks, attack_label, eps, defense, recipe,
     check_model_config(cfg)
     splits = data_mod.load_splits(cfg.data.name, cfg.data.root, bool(cfg.data.download), int(cfg.data.n_val),
                                   int(cfg.data.n_eval), int(cfg.data.split_seed))
-    model, ckpt_info = load_model(cfg, device, defense, recipe, splits)
+    model, ckpt_info = load_model(cfg, device, defense, recipe, splits, on_epoch=tracker.log_epoch)
+    tracker.log_checkpoint(ckpt_info)
     writer = ResultWriter(run_dir)
     defended = defense.transform(model, {"splits": splits, "device": device, "cfg": cfg, "run_dir": run_dir,
                                          "writer": writer, "seed": int(cfg.seed),
@@ -112,5 +110,6 @@ def _evaluate(cfg, run_dir, device, attacks, attack_label, eps, defense, recipe,
     for name in ("examples.png", "robust_accuracy_curve.png"):
         if (run_dir / name).is_file():
             tracker.log_image(name.split(".")[0], run_dir / name)
+    tracker.log_results(metrics, run_dir)
     log.info("results: %s", final.parent)
     return metrics

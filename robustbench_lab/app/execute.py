@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 from robustbench_lab.app.cells import CellStore, cell_key
 from robustbench_lab.app.evaluate import run_evaluation
 from robustbench_lab.app.linearize import run_linearize
+from robustbench_lab.app.tracking import log_restored
 from robustbench_lab.app.validate import task_of
 from robustbench_lab.core.cache import atomic_write_text
 
@@ -46,6 +47,7 @@ def execute(cfg: DictConfig, run_dir: Path, multirun: bool = False, overrides: l
         m = store.restore(key, run_dir)   # None: the stored cell was damaged and is removed; recompute it
         if m is not None:
             log.info("cell %s already finished: restored its results (resume=false recomputes)", key)
+            log_restored(cfg, run_dir, m, overrides)
             if task == "linearize":
                 print(f"[cell {key} done before] linearization | results in {run_dir}")
                 return float(m.get("objective", float("nan")))

@@ -3,7 +3,8 @@
 Every trainer of the harness runs ``run_epochs``: standard and adversarial training (``train``), and the
 plug-ins' own stages (ACL pre-training and fine-tuning); each supplies a per-batch loss, the batches, an
 optimizer (``build_optimizer`` for a ``Recipe``), a schedule (``build_scheduler``, ``PerStepLR``) and
-per-epoch callbacks (modes, validation, model selection).
+per-epoch callbacks (modes, validation, model selection). Whoever wants to watch training (a tracker)
+passes ``on_epoch`` to ``get_or_train``: every epoch of every stage that builds the checkpoint reports to it.
 
 A **training procedure** (``TrainingProcedure``) decides what a classifier is trained on: its ``loss`` per
 batch, its ``spec()`` (enters the checkpoint key), and the hooks ``prepare``/``parameters``/``fit`` whose
@@ -13,9 +14,11 @@ and its default ``fit`` need no upward import; ``robustbench_lab.core.defense_ba
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
+from contextvars import ContextVar
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
@@ -31,6 +34,30 @@ from robustbench_lab.core.recipe import Recipe
 log = logging.getLogger(__name__)
 
 TRAIN_CODE_VERSION = 1   # bump when training code changes trained weights, to invalidate old cache entries
+TRAIN_ACCURACY_POINTS = 1000   # the fixed training sample whose clean accuracy ``train`` records per epoch
+
+EpochCallback = Callable[[dict[str, Any]], None]
+# A context variable rather than a parameter: a procedure's ``fit`` (ACL's two stages, a predictor fitted in
+# ``prepare``) runs several loops whose signatures should not all carry an observer they do not use.
+_OBSERVER: ContextVar[EpochCallback | None] = ContextVar("epoch_observer", default=None)
+
+
+@contextlib.contextmanager
+def observing_epochs(callback: EpochCallback | None) -> Iterator[None]:
+    """Within the block, every ``run_epochs`` without its own ``on_epoch`` reports to ``callback`` (None:
+    to nobody, e.g. a nested ``get_or_train`` of another checkpoint)."""
+    token = _OBSERVER.set(callback)
+    try:
+        yield
+    finally:
+        _OBSERVER.reset(token)
+
+
+def epoch_records(history: Mapping[str, Any], stage: str) -> list[dict[str, Any]]:
+    """A ``run_epochs`` history as one record per epoch: ``stage`` and every per-epoch column's value."""
+    n = len(history.get("epoch") or [])
+    cols = [k for k, v in history.items() if isinstance(v, list) and len(v) == n]
+    return [{"stage": stage, **{k: history[k][i] for k in cols}} for i in range(n)]
 
 
 # ------------------------------------------------------------------------------------ the procedure
@@ -130,7 +157,8 @@ def run_epochs(step_loss: Callable[..., torch.Tensor], batches: Callable[[int], 
                opt: torch.optim.Optimizer, epochs: int, *, steps_per_epoch: int | None = None,
                scheduler: Any = None, on_epoch_start: Callable[[int], None] | None = None,
                on_epoch_end: Callable[[int, float], Mapping[str, Any]] | None = None,
-               columns: Sequence[str] = (), desc: str = "train", progress: bool = False) -> dict[str, Any]:
+               columns: Sequence[str] = (), desc: str = "train", progress: bool = False,
+               on_epoch: EpochCallback | None = None) -> dict[str, Any]:
     """The training loop: for every epoch, ``on_epoch_start(epoch)`` (set modes), then for every batch of
     ``batches(epoch)`` (a tuple of tensors on the training device; its first has the batch dimension)
     ``loss = step_loss(*batch)``, zero grad, backward, ``opt.step()``, ``scheduler.step()``; then
@@ -138,8 +166,10 @@ def run_epochs(step_loss: Callable[..., torch.Tensor], batches: Callable[[int], 
 
     Returns the history, one entry per epoch: ``epoch`` (1-based), ``train_loss`` (the epoch's mean loss,
     weighted by batch size), every key of ``columns`` (filled from ``on_epoch_end``), and ``seconds`` since
-    the start. ``steps_per_epoch`` only sizes the progress bar.
+    the start. ``steps_per_epoch`` only sizes the progress bar. After each epoch ``on_epoch`` (default: the
+    observer of ``observing_epochs``) gets that epoch's record (``epoch_records``, stage ``desc``).
     """
+    observer = on_epoch if on_epoch is not None else _OBSERVER.get()
     hist: dict[str, Any] = {"epoch": [], "train_loss": [], **{c: [] for c in columns}, "seconds": []}
     t0 = time.time()
     for epoch in range(epochs):
@@ -166,6 +196,8 @@ def run_epochs(step_loss: Callable[..., torch.Tensor], batches: Callable[[int], 
         for k, v in extra.items():
             hist.setdefault(k, []).append(v)
         hist["seconds"].append(time.time() - t0)
+        if observer is not None:
+            observer(epoch_records(hist, desc)[-1])
         shown = "".join(f", {k} {v:.4f}" for k, v in extra.items() if isinstance(v, float))
         log.info("%s %d/%d: loss %.4f%s (%.0fs)", desc, epoch + 1, epochs, mean, shown, time.time() - t0)
     return hist
@@ -198,7 +230,8 @@ def train_classifier(model: nn.Module, splits: data_mod.Splits, recipe: Recipe, 
     optimizer and schedule over ``params``, shuffled (augmented) batches of the recipe's training points.
 
     Randomness: order and augmentation from a CPU generator seeded with ``seed``, the procedure's (attack
-    starts) from a generator on ``device`` seeded with ``seed + 1``. Default epoch start: train mode.
+    starts) from a generator on ``device`` seeded with ``seed + 1``. Default epoch start: train mode. The
+    history gains ``lr``: the learning rate of each epoch's last step.
     """
     x_tr, y_tr = training_subset(splits, recipe)
     g = torch.Generator().manual_seed(int(seed))
@@ -207,17 +240,26 @@ def train_classifier(model: nn.Module, splits: data_mod.Splits, recipe: Recipe, 
     steps_per_epoch = math.ceil(x_tr.shape[0] / recipe.batch_size)
     sched = build_scheduler(opt, recipe, steps_per_epoch * recipe.epochs)
     model.to(device)
-    return run_epochs(lambda xb, yb: procedure.loss(model, xb, yb, dev_g),
-                      lambda _: labelled_batches(x_tr, y_tr, recipe, splits.card, g, device), opt, recipe.epochs,
-                      steps_per_epoch=steps_per_epoch, scheduler=sched,
-                      on_epoch_start=on_epoch_start or (lambda _: model.train()), on_epoch_end=on_epoch_end,
-                      columns=columns, desc=desc, progress=progress)
+    last_lr = [float("nan")]
+
+    def step_loss(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        last_lr[0] = float(opt.param_groups[0]["lr"])   # read before the step: the rate this step uses
+        return procedure.loss(model, xb, yb, dev_g)
+
+    def end(epoch: int, mean: float) -> dict[str, Any]:
+        return {**(dict(on_epoch_end(epoch, mean) or {}) if on_epoch_end is not None else {}), "lr": last_lr[0]}
+
+    return run_epochs(step_loss, lambda _: labelled_batches(x_tr, y_tr, recipe, splits.card, g, device), opt,
+                      recipe.epochs, steps_per_epoch=steps_per_epoch, scheduler=sched,
+                      on_epoch_start=on_epoch_start or (lambda _: model.train()), on_epoch_end=end,
+                      columns=(*columns, "lr"), desc=desc, progress=progress)
 
 
 def train(model: nn.Module, splits: data_mod.Splits, recipe: Recipe, device: torch.device,
           seed: int, procedure: TrainingProcedure | None = None, progress: bool = True) -> dict[str, Any]:
     """Train ``model`` (a Classifier on [0, 1] inputs) in place with ``procedure`` (default: cross-entropy).
-    Returns the history (per epoch: train loss, validation accuracy, seconds).
+    Returns the history (per epoch: train loss, clean accuracy on the first ``TRAIN_ACCURACY_POINTS`` training
+    points and on the validation split, learning rate, seconds).
 
     Weight initialisation is done by the caller under the same seed.
     """
@@ -225,9 +267,11 @@ def train(model: nn.Module, splits: data_mod.Splits, recipe: Recipe, device: tor
     procedure.prepare(model, splits, device)
     params = [p for p in model.parameters() if p.requires_grad]
     params += [p for p in procedure.parameters() if p.requires_grad]
+    x_acc, y_acc = (t[:TRAIN_ACCURACY_POINTS] for t in training_subset(splits, recipe))
     hist = train_classifier(model, splits, recipe, device, seed, procedure, params,
-                            on_epoch_end=lambda *_: {"val_accuracy": accuracy(model, splits.x_val, splits.y_val, device)},
-                            columns=("val_accuracy",), progress=progress)
+                            on_epoch_end=lambda *_: {"train_accuracy": accuracy(model, x_acc, y_acc, device),
+                                                     "val_accuracy": accuracy(model, splits.x_val, splits.y_val, device)},
+                            columns=("train_accuracy", "val_accuracy"), progress=progress)
     model.eval()
     return hist
 
@@ -281,19 +325,30 @@ def load_or_build(cache: CheckpointCache, key: str, module: nn.Module, spec: dic
 def get_or_train(model: nn.Module, spec: dict[str, Any], splits: data_mod.Splits, recipe: Recipe,
                  cache: CheckpointCache, device: torch.device, seed: int,
                  procedure: TrainingProcedure | None = None, progress: bool = True,
-                 retrain: bool = False) -> dict[str, Any]:
+                 retrain: bool = False, on_epoch: EpochCallback | None = None) -> dict[str, Any]:
     """Load the checkpoint for ``spec`` from the cache (or the package's shipped checkpoints), or train it
     (``procedure.fit``; standard training without a procedure) and store it; ``retrain=True`` trains even
-    when it is cached. Returns the cache metadata with ``cache_hit``."""
+    when it is cached. Returns the cache metadata with ``cache_hit``.
+
+    While it trains, every epoch of every stage goes to ``on_epoch`` as it ends; the same records are stored
+    with the checkpoint (``epochs``), so a cache hit can show the curves it was trained with."""
     procedure = procedure or StandardTraining(recipe.label_smoothing)
     key = content_key(spec)
 
     def build() -> dict[str, Any]:
         log.info("training %s (checkpoint key %s)", spec.get("model", {}).get("name", "model"), key)
-        hist = procedure.fit(model, splits, recipe, device, seed, cache=cache, spec=spec, progress=progress)
+        records: list[dict[str, Any]] = []
+
+        def observe(record: dict[str, Any]) -> None:
+            records.append(record)
+            if on_epoch is not None:
+                on_epoch(record)
+
+        with observing_epochs(observe):
+            hist = procedure.fit(model, splits, recipe, device, seed, cache=cache, spec=spec, progress=progress)
         test_acc = accuracy(model, splits.x_test, splits.y_test, device)
         log.info("trained: test accuracy %.4f; checkpoint %s", test_acc, cache.weights_path(key))
-        return {"history": hist, "test_accuracy": test_acc,
+        return {"history": hist, "epochs": records, "test_accuracy": test_acc,
                 "train_seconds": hist["seconds"][-1] if hist["seconds"] else 0.0}
 
     meta, hit = load_or_build(cache, key, model, spec, build, rebuild=retrain)
