@@ -135,7 +135,7 @@ def _run(cfg: DictConfig, run_dir: Path, opts: LinearizeOptions, make_op: Callab
     check_model_config(cfg)   # before the data: a file that does not fit the model card fails at once
     splits = data_mod.load_splits(cfg.data.name, cfg.data.root, bool(cfg.data.download), int(cfg.data.n_val),
                                   int(cfg.data.n_eval), int(cfg.data.split_seed))
-    model, ckpt_info = load_model(cfg, device, defense, recipe, splits)
+    model, ckpt_info = load_model(cfg, device, defense, recipe, splits, on_epoch=tracker.log_epoch)
     writer = ResultWriter(run_dir)
 
     x_all = data_mod.to_float(splits.x_eval).to(device)
