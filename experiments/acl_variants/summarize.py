@@ -21,6 +21,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
+import scipy.stats
 
 from robustbench_lab.app.report import table_cli
 from robustbench_lab.core import plotstyle, tables
@@ -155,21 +156,30 @@ def write(rows: list[dict[str, Any]], out: Path) -> dict[str, Path]:
     rob = {(r["arm"], r["seed"]): r["robust_accuracy"] for r in rows}
     seeds = sorted({sd for (arm, sd) in rob if arm == "ds"} & {sd for (arm, sd) in rob if arm == "simclr"},
                    key=lambda v: (v is None, v))
-    if len(seeds) == 1:
-        ds, sc = rob[("ds", seeds[0])], rob[("simclr", seeds[0])]
-        lines += [f"DS >= SimCLR in robust accuracy: **{'yes' if ds >= sc else 'no'}** ({ds:.3f} vs {sc:.3f})."]
-    elif len(seeds) > 1:   # the seeds both arms ran: means and the paired (same seed) difference
-        import statistics
-        diffs = [rob[("ds", sd)] - rob[("simclr", sd)] for sd in seeds]
-        ds = statistics.mean(rob[("ds", sd)] for sd in seeds)
-        sc = statistics.mean(rob[("simclr", sd)] for sd in seeds)
-        lines += [f"DS >= SimCLR in robust accuracy, mean over seeds {', '.join(map(str, seeds))}: "
-                  f"**{'yes' if ds >= sc else 'no'}** ({ds:.3f} vs {sc:.3f}; paired difference "
-                  f"{statistics.mean(diffs):+.3f} +- {statistics.stdev(diffs):.3f} sd over seeds)."]
+    lines += ["", verdict(rob, seeds)]
     written["md"].write_text("\n".join(lines) + "\n")
     if rows:
         written["png"] = plot(df, out / "acl_variants.png")
     return written
+
+
+def verdict(rob: dict[tuple[Any, Any], float], seeds: list[Any]) -> str:
+    """DS vs SimCLR in robust accuracy over the seeds both ran: the paired (same seed) difference with its
+    95% t-interval; a difference whose interval contains 0 is inconclusive, and so is a single seed."""
+    if not seeds:
+        return "DS vs SimCLR: not both run."
+    diffs = np.array([rob[("ds", sd)] - rob[("simclr", sd)] for sd in seeds])
+    ds = float(np.mean([rob[("ds", sd)] for sd in seeds]))
+    sc = float(np.mean([rob[("simclr", sd)] for sd in seeds]))
+    head = (f"DS vs SimCLR in robust accuracy, seeds {', '.join(map(str, seeds))}: {ds:.3f} vs {sc:.3f}, paired "
+            f"difference {diffs.mean():+.3f}")
+    if len(diffs) < 2:
+        return head + " from one seed: **inconclusive** (no interval)."
+    half = float(scipy.stats.t.ppf(0.975, len(diffs) - 1) * diffs.std(ddof=1) / np.sqrt(len(diffs)))
+    lo, hi = diffs.mean() - half, diffs.mean() + half
+    word = "DS higher" if lo > 0 else "SimCLR higher" if hi < 0 else "inconclusive"
+    return (head + f" ± {half:.3f} (95% t-interval over {len(diffs)} seeds, sd {diffs.std(ddof=1):.3f}): "
+            f"**{word}**.")
 
 
 def summarize(dirs: Sequence[str | Path], out: str | Path | None = None) -> dict[str, Path]:
