@@ -71,7 +71,7 @@ class Bar:
         parts = [f"{self.desc}: {self.n}/{self.total} {self.unit}s ({pct}%)"]
         parts += [f"{v} {k}" for k, v in self.counts.items()]
         parts.append(f"{elapsed:.0f} s elapsed")
-        if 0 < self.n < self.total:
+        if 0 < self.n < self.total and elapsed >= 1:   # an estimate from under a second of work is noise
             parts.append(f"~{elapsed * (self.total - self.n) / self.n:.0f} s left")
         return ", ".join(parts)
 
