@@ -13,7 +13,7 @@ import torch
 import robustbench_lab as rbl
 from robustbench_lab.app.builders import attack_from_name
 from robustbench_lab.app.checks import CheckLevel, planned_checks, run_checks
-from robustbench_lab.app.evaluate import STAGES
+from robustbench_lab.app.evaluate import STAGES, defense_banner, model_banner
 from robustbench_lab.app.execute import run_task
 from robustbench_lab.app.validate import validate
 from robustbench_lab.core.errors import ConfigError
@@ -172,3 +172,18 @@ def test_smoke_preset_composes_with_the_promised_values():
     # the command line still wins over the preset
     cfg = compose(["preset=smoke", "checks=quick", "logger=wandb", "data.n_eval=10"])
     assert (cfg.checks, cfg.logger.name, cfg.data.n_eval) == ("quick", "wandb", 10)
+
+
+def test_model_and_defense_banners_say_where_weights_came_from():
+    assert model_banner("resnet20", {"cache_hit": True, "checkpoint_test_accuracy": 0.9253}) == \
+        "resnet20 (cache hit, 92.5% test accuracy)"
+    assert model_banner("resnet20", {"cache_hit": True, "checkpoint_source": "bundled",
+                                     "checkpoint_test_accuracy": 0.9253}) == \
+        "resnet20 (cache hit, bundled weights, 92.5% test accuracy)"
+    assert model_banner("lenet", {"cache_hit": False, "train_seconds": 61.2, "checkpoint_test_accuracy": 0.5}) == \
+        "lenet (trained in 61 s, 50.0% test accuracy)"
+    assert model_banner("custom", {"cache_hit": None, "checkpoint": "w.pt"}) == "custom (weights from w.pt)"
+    assert defense_banner("none", {}, 0.01) == "none (0.0 s)"
+    assert defense_banner("jumprelu", {"jump": 0.123456, "jump_mode": "auto", "grid": [0, 1], "n_val": 500,
+                                       "max_accuracy_drop": 0.01, "shares": True}, 240.0) == \
+        "jumprelu (jump 0.1235, jump_mode auto, n_val 500, ...; 240.0 s)"

@@ -113,7 +113,9 @@ def model_banner(name: str, info: dict[str, Any]) -> str:
     acc = info.get("checkpoint_test_accuracy")
     acc_text = f", {acc:.1%} test accuracy" if isinstance(acc, (int, float)) else ""
     if info["cache_hit"]:
-        return f"{name} (cache hit{acc_text})"
+        source = info.get("checkpoint_source")   # where the cache entry came from, when not the cache's own training
+        extra = f", {source} weights" if source not in (None, "cache", "trained") else ""
+        return f"{name} (cache hit{extra}{acc_text})"
     return f"{name} (trained in {info.get('train_seconds') or 0:.0f} s{acc_text})"
 
 
