@@ -28,9 +28,10 @@ from robustbench_lab.app.checks import LEVELS
 from robustbench_lab.core import data as data_mod
 from robustbench_lab.core.attack_base import Attack
 from robustbench_lab.core.device import resolve_device
-from robustbench_lab.core.errors import ConfigError, check_choice, check_number
+from robustbench_lab.core.errors import ConfigError, check_bool, check_choice, check_number
 from robustbench_lab.core.model import Classifier
 from robustbench_lab.core.norms import Norm
+from robustbench_lab.core.progress import Progress
 from robustbench_lab.core.results import ResultWriter
 from robustbench_lab.core.sources import MODEL_CONTRACT, wrap
 
@@ -102,7 +103,8 @@ def evaluate(model: nn.Module, data: str | tuple[torch.Tensor, torch.Tensor] = "
              n_examples: int | None = 1000, device: str = "auto", checks: str = "quick", batch_size: int = 500,
              seed: int = 0, preprocessing: tuple[Sequence[float], Sequence[float]] | None = None,
              data_root: str | None = None, download: bool = False, split_seed: int = 0,
-             name: str | None = None, attack_options: dict[str, Any] | None = None) -> EvaluationResult:
+             name: str | None = None, attack_options: dict[str, Any] | None = None,
+             progress: bool = False) -> EvaluationResult:
     """Evaluate ``model`` (any ``nn.Module`` mapping inputs in [0, 1] to logits) against ``attacks``.
 
     ``data``: a dataset name (``fashion_mnist``, ``mnist``, ``cifar10``, ``cifar100``, ``svhn``; its test
@@ -110,7 +112,8 @@ def evaluate(model: nn.Module, data: str | tuple[torch.Tensor, torch.Tensor] = "
     ``(x, y)`` of tensors. ``attacks``: attack-config names (``robustbench_lab/conf/attack``) or ``Attack`` objects, run as
     a cascade exactly as the CLI runs ``attacks=[...]`` under one threat model (``norm``, ``eps``; eps None
     for minimal-norm attacks); ``attack_options`` override settings of the named attacks (``{"steps": 50}``).
-    ``checks``: ``none``, ``quick`` or ``full``.
+    ``checks``: ``none``, ``quick`` or ``full``. ``progress=True`` draws bars on stderr over the attack
+    batches and the checks (plain periodic lines when stderr is not a terminal); off by default.
     """
     t_start = time.time()
     check_choice("norm", norm, [n.value for n in Norm])
@@ -119,6 +122,7 @@ def evaluate(model: nn.Module, data: str | tuple[torch.Tensor, torch.Tensor] = "
     check_number("batch_size", batch_size, low=1, integer=True)
     check_number("seed", seed, integer=True)
     check_number("n_examples", n_examples, low=1, integer=True, allow_none=True)
+    check_bool("progress", progress)
     if isinstance(attacks, (str, Attack)):
         attacks = [attacks]
     built: list[Attack] = []
@@ -138,7 +142,7 @@ def evaluate(model: nn.Module, data: str | tuple[torch.Tensor, torch.Tensor] = "
     clf = as_classifier(model.to(dev), x[:2], preprocessing, label).to(dev).eval()
     if int(y.max()) >= clf.num_classes:
         raise ConfigError("model", f"{clf.num_classes} outputs", f"at least {int(y.max()) + 1} (the labels' range)")
-    a = assess(clf, x, y, built, eps, seed, batch_size, checks, indices=indices)
+    a = assess(clf, x, y, built, eps, seed, batch_size, checks, indices=indices, progress=Progress(progress))
     metrics = {"dataset": dataset, "model": label, "defense": "none", "attack": "+".join(at.name for at in built),
                **a.metrics, "seed": int(seed), "device": str(dev), "torch_version": torch.__version__,
                "python": platform.python_version(), "pid": os.getpid(), "started_at": t_start,

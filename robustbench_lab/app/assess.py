@@ -18,6 +18,7 @@ from robustbench_lab.app.checks import run_checks
 from robustbench_lab.core.attack_base import MINIMIZATION, Attack
 from robustbench_lab.core.evaluator import Evaluation, evaluate, robust_accuracy_curve, summarize
 from robustbench_lab.core.norms import Norm
+from robustbench_lab.core.progress import SILENT, Progress
 from robustbench_lab.core.results import ResultWriter, plot_curve, plot_examples, summary_markdown
 
 CHECK_SEED_OFFSET = 1_000_003   # the checks' generator is seeded apart from the attacks'
@@ -37,18 +38,25 @@ class Assessment:
 
 
 def assess(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Sequence[Attack], eps: float | None,
-           seed: int, batch_size: int, checks: str, indices: Sequence[int] | None = None) -> Assessment:
+           seed: int, batch_size: int, checks: str, indices: Sequence[int] | None = None,
+           progress: Progress = SILENT) -> Assessment:
     """Attack ``model`` (eval mode, on ``x``'s device) on ``x`` (N, C, H, W) in [0, 1] with labels ``y``;
-    run the sanity checks of level ``checks``. Randomness comes from generators seeded with ``seed``."""
+    run the sanity checks of level ``checks``. Randomness comes from generators seeded with ``seed``.
+    ``progress``: the banners of the attacks and checks stages and their bars (silent by default)."""
     attacks = list(attacks)
     idx = list(indices) if indices is not None else list(range(x.shape[0]))
     gen = torch.Generator(device=x.device).manual_seed(int(seed))
-    ev = evaluate(model, x, y, attacks, eps, gen, batch_size=int(batch_size), indices=idx)
+    progress.stage("attacks", f"{'+'.join(a.name for a in attacks)} ({attacks[-1].norm.value}, "
+                   f"{'eps ' + format(eps, 'g') if eps is not None else 'minimal norm'}) on {x.shape[0]} points, "
+                   f"batches of {int(batch_size)}")
+    ev = evaluate(model, x, y, attacks, eps, gen, batch_size=int(batch_size), indices=idx, progress=progress)
     summ = summarize(ev, attacks, eps)
+    progress.stage("checks", f"{checks} (docs/checks/); robust accuracy {summ['robust_accuracy']:.1%} "
+                   f"after {summ['attack_seconds']:.1f} s of attacks")
     t_chk = time.time()
     check_gen = torch.Generator(device=x.device).manual_seed(int(seed) + CHECK_SEED_OFFSET)
     chk = checks_report(run_checks(model, x, y, attacks, eps, ev.robust, ev.x_adv, ev.n_nan, str(checks), check_gen,
-                                   int(batch_size), table=ev.table, raw=ev.attack_counts))
+                                   int(batch_size), table=ev.table, raw=ev.attack_counts, progress=progress))
     chk["checks_seconds"] = time.time() - t_chk
     metrics: dict[str, Any] = {
         "norm": attacks[-1].norm.value, "eps": eps, **summ,

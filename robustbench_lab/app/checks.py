@@ -28,6 +28,7 @@ from robustbench_lab.core.errors import check_choice
 from robustbench_lab.core.evaluator import attack_points
 from robustbench_lab.core.model import eval_frozen, predict
 from robustbench_lab.core.norms import Norm, l2, linf
+from robustbench_lab.core.progress import SILENT, Progress
 
 log = logging.getLogger(__name__)
 
@@ -191,24 +192,35 @@ def cascade_evidence(attacks: Sequence[Attack], table: pd.DataFrame | None, n: i
 def run_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Sequence[Attack], eps: float | None,
                main_robust: torch.Tensor, x_adv: torch.Tensor, n_nan: int, level: CheckLevel | str,
                generator: torch.Generator, batch_size: int = 500,
-               table: pd.DataFrame | None = None, raw: dict[str, dict[str, Any]] | None = None) -> list[CheckResult]:
+               table: pd.DataFrame | None = None, raw: dict[str, dict[str, Any]] | None = None,
+               progress: Progress = SILENT) -> list[CheckResult]:
     """Run the checks at ``level`` on the evaluated points ``x`` (N, C, H, W), ``y`` (N,).
 
     ``main_robust`` is the evaluation's robust mask, ``x_adv`` its worst-case adversarial batch, ``table`` its
     per-example table (one row per example x attack), ``raw`` its per-attack counts (raw-output figures for the
     audit). The white-box baseline the black-box, transfer and BPDA
     checks compare against is the run's white-box attacks alone: a cascade that already contains Square or
-    BPDA must not hide the gap between them and the white-box attacks.
+    BPDA must not hide the gap between them and the white-box attacks. ``progress``: a bar with one step per
+    check (none at level ``none``, where only the audit runs).
     """
     level = CheckLevel.parse(level)
     norm = attacks[0].norm
-    results = [audit(x, x_adv, norm, eps, n_nan, all(a.family == AttackFamily.FIXED_EPS for a in attacks), raw)]
+    results: list[CheckResult] = []
+    bar = progress.bar(0 if level is CheckLevel.NONE else planned_checks(model, eps), "checks", unit="check")
+
+    def add(r: CheckResult) -> None:
+        results.append(r)
+        bar.update(1, fired=int(r.fired))
+
+    add(audit(x, x_adv, norm, eps, n_nan, all(a.family == AttackFamily.FIXED_EPS for a in attacks), raw))
     if level is CheckLevel.NONE:
         return results
     b = BUDGETS[level]
     n = min(b["n"], x.shape[0])
     xs, ys, rob = x[:n], y[:n], main_robust[:n]
-    results += [zero_gradients(model, xs, ys), softmax_output(model, xs), randomized_output(model, xs)]
+    add(zero_gradients(model, xs, ys))
+    add(softmax_output(model, xs))
+    add(randomized_output(model, xs))
     if eps is None or eps == 0:
         return results
     main_ra = float(rob.float().mean())
@@ -221,24 +233,24 @@ def run_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Sequ
     pgd = _attack("pgd", norm, steps=b["steps"])
     pgd_ra = _robust_accuracy(model, pgd, xs, ys, eps, generator, bs)
     fired = fgsm_ra < pgd_ra - 0.01 or fgsm_ra < main_ra - 0.01
-    results.append(CheckResult("single_step_stronger", fired,
-                               {"fgsm": fgsm_ra, "pgd": pgd_ra, "main": main_ra},
-                               f"robust accuracy on {n} points: FGSM {fgsm_ra:.3f}, PGD-{b['steps']} {pgd_ra:.3f}, "
-                               f"run's attacks {main_ra:.3f}"))
+    add(CheckResult("single_step_stronger", fired,
+                    {"fgsm": fgsm_ra, "pgd": pgd_ra, "main": main_ra},
+                    f"robust accuracy on {n} points: FGSM {fgsm_ra:.3f}, PGD-{b['steps']} {pgd_ra:.3f}, "
+                    f"run's attacks {main_ra:.3f}"))
     # convergence: more steps and restarts
     pgd_more = _attack("pgd", norm, steps=2 * b["steps"], restarts=2)
     more_ra = _robust_accuracy(model, pgd_more, xs, ys, eps, generator, bs)
     fired = more_ra < min(pgd_ra, main_ra) - 0.02
-    results.append(CheckResult("not_converged", fired, {"pgd": pgd_ra, "pgd_2x_steps_2_restarts": more_ra, "main": main_ra},
-                               f"PGD with 2x steps and 2 restarts: {more_ra:.3f} vs {min(pgd_ra, main_ra):.3f}"))
+    add(CheckResult("not_converged", fired, {"pgd": pgd_ra, "pgd_2x_steps_2_restarts": more_ra, "main": main_ra},
+                    f"PGD with 2x steps and 2 restarts: {more_ra:.3f} vs {min(pgd_ra, main_ra):.3f}"))
     # black box
     square = _attack("square", norm, n_queries=b["square_queries"])
     sq_ra = _robust_accuracy(model, square, xs, ys, eps, generator, bs)
     white = min(pgd_ra, more_ra) if main_white is None else min(pgd_ra, more_ra, main_white)
     fired, value, msg = _stronger("black_box", "square", sq_ra, white, cas)
-    results.append(CheckResult("blackbox_stronger", fired, value,
-                               f"Square ({b['square_queries']} queries) {sq_ra:.3f} vs best white-box {white:.3f}"
-                               + msg))
+    add(CheckResult("blackbox_stronger", fired, value,
+                    f"Square ({b['square_queries']} queries) {sq_ra:.3f} vs best white-box {white:.3f}"
+                    + msg))
     # transfer from the undefended model, when there is one
     source = getattr(model, "undefended", None)
     if source is not None:
@@ -249,8 +261,8 @@ def run_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Sequ
         tr_rob[ok] = predict(model, crafted.x_adv[ok], bs) == ys[ok]
         tr_ra = float(tr_rob.float().mean())
         fired, value, msg = _stronger("transfer", "transfer", tr_ra, white, cas)
-        results.append(CheckResult("transfer_stronger", fired, value,
-                                   f"PGD crafted on the undefended model: {tr_ra:.3f} vs white-box {white:.3f}" + msg))
+        add(CheckResult("transfer_stronger", fired, value,
+                        f"PGD crafted on the undefended model: {tr_ra:.3f} vs white-box {white:.3f}" + msg))
     # BPDA, when the model has modules with a smooth backward surrogate (e.g. JumpReLU)
     if bpda_modules(model):
         surrogate = bpda_modules(model)[0].BPDA_SURROGATES[0]
@@ -258,9 +270,9 @@ def run_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Sequ
         # BPDA draws its base's streams: PGD's random starts, replayed point by point (like for like)
         bp_ra = _robust_accuracy(model, bpda, xs, ys, eps, generator, bs)
         fired, value, msg = _stronger("bpda", "bpda", bp_ra, white, cas)
-        results.append(CheckResult("bpda_stronger", fired, value,
-                                   f"PGD-{b['steps']} through BPDA ({surrogate} surrogate): {bp_ra:.3f} vs white-box "
-                                   f"{white:.3f}" + msg))
+        add(CheckResult("bpda_stronger", fired, value,
+                        f"PGD-{b['steps']} through BPDA ({surrogate} surrogate): {bp_ra:.3f} vs white-box "
+                        f"{white:.3f}" + msg))
     # monotonicity in epsilon and reaching zero
     large = LARGE_EPS[norm] if norm is Norm.LINF else 0.5 * float(xs[0].numel()) ** 0.5
     grid = sorted({eps * f for f in (0.5, 1.0, 2.0)} | {large})
@@ -268,11 +280,18 @@ def run_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Sequ
            for e in grid]
     nonmono = any(ras[i + 1] > ras[i] + 0.02 for i in range(len(ras) - 1))
     not_zero = ras[-1] > 0.05
-    results.append(CheckResult("eps_monotonicity", nonmono or not_zero, {"eps": grid, "robust_accuracy": ras},
-                               f"PGD robust accuracy at eps {[round(e, 4) for e in grid]}: {[round(r, 3) for r in ras]}"
-                               + ("; not decreasing" if nonmono else "") +
-                               (f"; not ~0 at eps {large:.3g}" if not_zero else "")))
+    add(CheckResult("eps_monotonicity", nonmono or not_zero, {"eps": grid, "robust_accuracy": ras},
+                    f"PGD robust accuracy at eps {[round(e, 4) for e in grid]}: {[round(r, 3) for r in ras]}"
+                    + ("; not decreasing" if nonmono else "") +
+                    (f"; not ~0 at eps {large:.3g}" if not_zero else "")))
     return results
+
+
+def planned_checks(model: nn.Module, eps: float | None) -> int:
+    """How many checks ``run_checks`` runs on ``model`` at level quick or full, the audit included."""
+    if eps is None or eps == 0:
+        return 4
+    return 8 + (getattr(model, "undefended", None) is not None) + bool(bpda_modules(model))
 
 
 def _stronger(kind: str, label: str, probe_ra: float, white: float, cas: dict[str, Any]) -> tuple[bool, dict, str]:

@@ -12,6 +12,7 @@ have their curve, so ``curve`` is not run again for them.
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any, Sequence
 
@@ -22,7 +23,10 @@ from torch import nn
 from robustbench_lab.core.attack_base import MINIMIZATION, Attack
 from robustbench_lab.core.evaluator import evaluate, robust_accuracy_curve
 from robustbench_lab.core.norms import Norm
+from robustbench_lab.core.progress import SILENT, Progress
 from robustbench_lab.core.results import ResultWriter, plot_curve
+
+log = logging.getLogger(__name__)
 
 CURVE_SEED_OFFSET = 2_000_003   # the curve attack's streams are seeded apart from the run's attacks
 # epsilons a reader knows, per norm (input space, [0, 1] pixels); the run's own eps is added
@@ -35,12 +39,14 @@ def needs_curve(attack: Attack | None, attacks: Sequence[Attack]) -> bool:
 
 def robustness_curve(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack, eps: float | None,
                      seed: int, batch_size: int, indices: Sequence[int], writer: ResultWriter,
-                     title: str) -> tuple[dict[str, Any], str]:
+                     title: str, progress: Progress = SILENT) -> tuple[dict[str, Any], str]:
     """Run minimization ``attack`` on the clean-correct points of ``x`` (N, C, H, W) in [0, 1]; write the curve
     (CSV and plot); return the ``curve`` metrics and a summary section."""
+    log.info("curve: %s (%s, minimal norms) on the clean-correct points, for robust accuracy at every epsilon",
+             attack.name, attack.norm.value)
     t0 = time.perf_counter()
     gen = torch.Generator(device=x.device).manual_seed(int(seed) + CURVE_SEED_OFFSET)
-    ev = evaluate(model, x, y, [attack], None, gen, batch_size=batch_size, indices=indices)
+    ev = evaluate(model, x, y, [attack], None, gen, batch_size=batch_size, indices=indices, progress=progress)
     seconds = time.perf_counter() - t0
     pe = ev.per_example()
     col = "linf" if attack.norm is Norm.LINF else "l2"

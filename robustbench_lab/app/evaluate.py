@@ -26,10 +26,13 @@ from robustbench_lab.app.validate import validate
 from robustbench_lab.core import data as data_mod
 from robustbench_lab.core.errors import ConfigError
 from robustbench_lab.core.device import resolve_device
+from robustbench_lab.core.progress import Progress
 from robustbench_lab.core.results import ResultWriter
 from robustbench_lab.core.recipe import Recipe
 
 log = logging.getLogger(__name__)
+
+STAGES = ("data", "model", "defense", "attacks", "checks", "report")   # one banner each, in this order
 
 
 def run_evaluation(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
@@ -73,20 +76,26 @@ def _evaluate(cfg, run_dir, device, attacks, attack_label, eps, defense, recipe,
               overrides, curve_attack=None) -> dict[str, Any]:
     torch.manual_seed(int(cfg.seed))
     check_model_config(cfg)
+    progress = Progress(bool(cfg.get("progress", True)), STAGES)
     splits = data_mod.load_splits(cfg.data.name, cfg.data.root, bool(cfg.data.download), int(cfg.data.n_val),
                                   int(cfg.data.n_eval), int(cfg.data.split_seed))
+    progress.stage("data", f"{cfg.data.name} ({len(splits.eval_indices)} test points, split seed "
+                   f"{cfg.data.split_seed}; {len(splits.x_train)} train, {len(splits.x_val)} validation)")
     model, ckpt_info = load_model(cfg, device, defense, recipe, splits, on_epoch=tracker.log_epoch)
     tracker.log_checkpoint(ckpt_info)
+    progress.stage("model", model_banner(cfg.model.name, ckpt_info))
+    t_defense = time.time()
     writer = ResultWriter(run_dir)
     defended = defense.transform(model, {"splits": splits, "device": device, "cfg": cfg, "run_dir": run_dir,
                                          "writer": writer, "seed": int(cfg.seed),
                                          "cache_dir": Path(cfg.paths.cache_dir)})
     defended.to(device).eval()
+    progress.stage("defense", defense_banner(cfg.defense.name, defense.describe(), time.time() - t_defense))
 
     x = data_mod.to_float(splits.x_eval).to(device)
     y = splits.y_eval.to(device)
     a = assess(defended, x, y, attacks, eps, int(cfg.seed), int(cfg.batch_size), str(cfg.get("checks", "quick")),
-               indices=splits.eval_indices.tolist())
+               indices=splits.eval_indices.tolist(), progress=progress)
     metrics: dict[str, Any] = {
         "dataset": cfg.data.name, "model": cfg.model.name, "defense": cfg.defense.name, "attack": attack_label,
         **a.metrics, "seed": int(cfg.seed), "device": str(device),
@@ -100,9 +109,11 @@ def _evaluate(cfg, run_dir, device, attacks, attack_label, eps, defense, recipe,
     sections = write_assessment(writer, a, metrics, title, cfg.data.name, splits.card.class_names)
     if curve_attack is not None:
         metrics["curve"], section = robustness_curve(defended, x, y, curve_attack, eps, int(cfg.seed), int(cfg.batch_size),
-                                                     splits.eval_indices.tolist(), writer, title)
+                                                     splits.eval_indices.tolist(), writer, title, progress)
         sections.append(section)
     final = finish(writer, metrics, sections, t_start)
+    progress.stage("report", f"{final.parent} (metrics.json, summary.md, per_example.parquet; "
+                   f"{metrics['seconds']:.0f} s in all)")
     table = a.evaluation.table
     tracker.log_metrics({"clean/accuracy": metrics["clean_accuracy"], "robust/accuracy": metrics["robust_accuracy"],
                          **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
@@ -113,3 +124,25 @@ def _evaluate(cfg, run_dir, device, attacks, attack_label, eps, defense, recipe,
     tracker.log_results(metrics, run_dir)
     log.info("results: %s", final.parent)
     return metrics
+
+
+def model_banner(name: str, info: dict[str, Any]) -> str:
+    """``resnet20 (cache hit, 92.5% test accuracy)``: where the weights came from (``load_model``'s record)."""
+    if info.get("cache_hit") is None:
+        return f"{name} (weights from {info.get('checkpoint')})"
+    acc = info.get("checkpoint_test_accuracy")
+    acc_text = f", {acc:.1%} test accuracy" if isinstance(acc, (int, float)) else ""
+    if info["cache_hit"]:
+        source = info.get("checkpoint_source")   # where the cache entry came from, when not the cache's own training
+        extra = f", {source} weights" if source not in (None, "cache", "trained") else ""
+        return f"{name} (cache hit{extra}{acc_text})"
+    return f"{name} (trained in {info.get('train_seconds') or 0:.0f} s{acc_text})"
+
+
+def defense_banner(name: str, described: dict[str, Any], seconds: float) -> str:
+    """``jumprelu (jump 0.12, jump_mode auto, ...; 240.0 s)``: the defense, its first few scalar settings
+    (``Defense.describe``; all of them are in metrics.json) and the time its transform took."""
+    values = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in described.items()
+              if isinstance(v, (int, float, str)) and not isinstance(v, bool)]
+    shown = ", ".join(values[:3]) + (", ..." if len(values) > 3 else "")
+    return f"{name} ({shown + '; ' if shown else ''}{seconds:.1f} s)"

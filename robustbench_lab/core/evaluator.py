@@ -19,6 +19,7 @@ from torch import nn
 from robustbench_lab.core.attack_base import Attack, AttackFamily, AttackResult
 from robustbench_lab.core.model import predict
 from robustbench_lab.core.norms import Norm, l2, linf
+from robustbench_lab.core.progress import SILENT, Progress
 
 log = logging.getLogger(__name__)
 
@@ -82,12 +83,14 @@ class AttackOutcome:
 
 def attack_points(model: nn.Module, attack: Attack, x: torch.Tensor, y: torch.Tensor, eps: float | None,
                   generator: torch.Generator, batch_size: int = 500, mask: torch.Tensor | None = None,
-                  clean_correct: torch.Tensor | None = None, ids: torch.Tensor | None = None) -> AttackOutcome:
+                  clean_correct: torch.Tensor | None = None, ids: torch.Tensor | None = None,
+                  progress: Progress = SILENT) -> AttackOutcome:
     """Attack the points of ``x`` (N, C, H, W) in [0, 1] selected by ``mask`` (default: the points ``model``
     classifies correctly) in batches of ``batch_size``, in index order. The one loop behind every robust
     accuracy the harness reports (the evaluator's cascade, the sanity checks, defenses' own measurements).
     ``ids`` (N,): the points' dataset indices (default 0..N-1), which key each point's random stream with
     ``generator``'s seed, so the outcome of a point does not depend on ``batch_size`` or on ``mask``.
+    ``progress``: a bar over the attacked points (points done, broken so far); silent by default.
     """
     n = x.shape[0]
     if clean_correct is None:
@@ -102,9 +105,11 @@ def attack_points(model: nn.Module, attack: Attack, x: torch.Tensor, y: torch.Te
     norms = {"l2": torch.zeros(n, device=x.device), "linf": torch.zeros(n, device=x.device)}
     nf = nb = n_nan = n_hvp = n_projected = 0
     ball = box = 0.0
+    bar = progress.bar(todo.numel(), attack.name)   # closes itself when the last batch is counted
     for i in range(0, todo.numel(), batch_size):
         b = todo[i:i + batch_size]
         res: AttackResult = attack(model, x[b], y[b], eps=eps, generator=generator, ids=ids[b])
+        bar.update(b.numel(), broken=int(res.success.sum()))
         nf += res.n_forward
         nb += res.n_backward
         n_nan += res.n_nan
@@ -124,7 +129,7 @@ def attack_points(model: nn.Module, attack: Attack, x: torch.Tensor, y: torch.Te
 
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Sequence[Attack],
              eps: float | None, generator: torch.Generator, batch_size: int = 500,
-             indices: Sequence[int] | None = None) -> Evaluation:
+             indices: Sequence[int] | None = None, progress: Progress = SILENT) -> Evaluation:
     """Run ``attacks`` on ``x`` (N, C, H, W) in [0, 1], labels ``y`` (N,).
 
     Fixed-epsilon attacks (and mixed lists) run as a cascade: each on the points still robust. When every
@@ -132,6 +137,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Sequen
     runs on every clean-correct point and each example keeps its smallest adversarial over members (at most
     ``eps`` when one is given; ``eps=None`` scores misclassification alone, so the per-example minimal norms
     give the whole robust-accuracy-vs-epsilon curve). ``indices`` are the examples' ids in their dataset.
+    ``progress``: a bar per attack over its batches (silent by default).
     """
     n = x.shape[0]
     dev = x.device
@@ -152,7 +158,8 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Sequen
     for order, atk in enumerate(attacks):
         t0 = time.perf_counter()
         out = attack_points(model, atk, x, y, eps, generator, batch_size, clean_correct=clean_correct,
-                            mask=clean_correct if ensemble else robust, ids=torch.as_tensor(ids, device=dev))
+                            mask=clean_correct if ensemble else robust, ids=torch.as_tensor(ids, device=dev),
+                            progress=progress)
         n_nan += out.n_nan
         if ensemble:
             size = out.linf if norm_col == "linf" else out.l2

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import sys
 import time
 from contextvars import ContextVar
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
@@ -29,6 +30,7 @@ from tqdm.auto import tqdm
 from robustbench_lab.core import data as data_mod
 from robustbench_lab.core.cache import CheckpointCache, content_key
 from robustbench_lab.core.model import predict
+from robustbench_lab.core.progress import is_interactive
 from robustbench_lab.core.recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -177,7 +179,7 @@ def run_epochs(step_loss: Callable[..., torch.Tensor], batches: Callable[[int], 
             on_epoch_start(epoch)
         total, n = 0.0, 0
         bar = tqdm(batches(epoch), total=steps_per_epoch, desc=f"{desc} {epoch + 1}/{epochs}",
-                   disable=not progress, leave=False, mininterval=2.0)
+                   disable=not (progress and is_interactive(sys.stderr)), leave=False, mininterval=2.0)
         for batch in bar:
             loss = step_loss(*batch)
             opt.zero_grad(set_to_none=True)
