@@ -12,7 +12,7 @@ from hydra.utils import get_class
 
 from robustbench_lab.app.builders import build_attack
 from robustbench_lab.core.attack_base import AttackFamily
-from robustbench_lab.core.norms import Norm, l2, linf
+from robustbench_lab.core.norms import Norm, l2, linf, norm_of
 
 from conftest import ROOT, compose
 
@@ -25,7 +25,7 @@ def _supported(name: str) -> list[str]:
 
 
 # (attack config, norm, eps) cases: every attack under each norm it supports
-CASES = [(a, n, 0.1 if n == "linf" else 1.5) for a in ATTACK_CONFIGS for n in _supported(a)]
+CASES = [(a, n, {"linf": 0.1, "l2": 1.5, "l1": 8.0}[n]) for a in ATTACK_CONFIGS for n in _supported(a)]
 
 
 # The contract does not depend on the budget: expensive attacks run at a reduced one here (their strength
@@ -34,6 +34,8 @@ FAST = {"autoattack": ["attack.version=custom", "attack.attacks=[apgd-ce,apgd-t]
                        "attack.n_target_classes=3"],
         "square": ["attack.n_queries=300"],
         "cw": ["attack.binary_search_steps=4", "attack.steps=40", "attack.initial_const=1.0", "attack.lr=0.05"],
+        "ddn": ["attack.steps=30"],
+        "fmn": ["attack.steps=30"],
         "trust_region": ["attack.iterations=50"]}
 
 
@@ -61,7 +63,7 @@ def test_norm_bound_box_and_recomputed_success(trained_small_cnn, batch, name, n
     assert torch.isfinite(res.x_adv).all()
     assert res.x_adv.min() >= 0 and res.x_adv.max() <= 1
     d = res.x_adv - x
-    bound = linf(d) if norm == "linf" else l2(d)
+    bound = norm_of(d, Norm(norm))
     if atk.family == AttackFamily.FIXED_EPS:
         assert (bound <= eps * (1 + 1e-5) + 1e-6).all(), float(bound.max())
     assert torch.allclose(res.l2, l2(d)) and torch.allclose(res.linf, linf(d))

@@ -27,7 +27,7 @@ from torch import nn
 from robustbench_lab.app.builders import build_attack
 from robustbench_lab.core.attack_base import AttackFamily
 from robustbench_lab.core.model import Classifier
-from robustbench_lab.core.norms import l2, linf
+from robustbench_lab.core.norms import Norm, l2, linf, norm_of
 
 from conftest import ROOT, compose
 
@@ -37,7 +37,9 @@ BUDGET = {
                    "attack.apgd_n_restarts=1", "attack.n_target_classes=1"],
     "cw": ["attack.steps=8", "attack.binary_search_steps=2", "attack.initial_const=1.0", "attack.lr=0.1"],
     "cw_linf": ["attack.steps=4", "attack.restarts=2"],
+    "ddn": ["attack.steps=8"],
     "deepfool": ["attack.steps=8"],
+    "fmn": ["attack.steps=8"],
     "pgd": ["attack.steps=4", "attack.restarts=2"],
     "pgd_bpda": ["attack.base.steps=4"],
     "square": ["attack.n_queries=24"],
@@ -100,8 +102,10 @@ def cases(draw, name: str):
     kind = draw(st.sampled_from(["linear", "mlp", "cnn"]))
     if norm == "linf":
         eps = draw(st.one_of(st.just(0.0), st.floats(1e-3, 0.5)))
-    else:
+    elif norm == "l2":
         eps = draw(st.one_of(st.just(0.0), st.floats(1e-2, 0.5 * (c * h * w) ** 0.5)))
+    else:
+        eps = draw(st.one_of(st.just(0.0), st.floats(1e-2, 0.25 * c * h * w)))
     seeds = draw(st.tuples(st.integers(0, 2**16), st.integers(0, 2**16), st.integers(0, 2**16)))
     train_mode = draw(st.booleans())
     return {"norm": norm, "shape": (b, c, h, w), "k": k, "kind": kind, "eps": eps, "seeds": seeds,
@@ -164,7 +168,7 @@ def test_attack_invariants(name, data):
     assert xa.shape == x.shape and xa.dtype == x.dtype
     assert torch.isfinite(xa).all() and xa.min() >= 0 and xa.max() <= 1
     d = xa - x
-    norms = linf(d) if case["norm"] == "linf" else l2(d)
+    norms = norm_of(d, Norm(case["norm"]))
     if atk.family == AttackFamily.FIXED_EPS:
         assert (norms <= eps * (1 + 1e-5) + 1e-6).all(), (float(norms.max()), eps)
         if eps == 0:

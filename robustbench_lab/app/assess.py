@@ -17,7 +17,6 @@ from robustbench_lab.app.checks import report as checks_report
 from robustbench_lab.app.checks import run_checks
 from robustbench_lab.core.attack_base import MINIMIZATION, Attack
 from robustbench_lab.core.evaluator import Evaluation, evaluate, robust_accuracy_curve, summarize
-from robustbench_lab.core.norms import Norm
 from robustbench_lab.core.progress import SILENT, Progress
 from robustbench_lab.core.results import ResultWriter, plot_curve, plot_examples, summary_markdown
 
@@ -78,7 +77,7 @@ def write_assessment(writer: ResultWriter, a: Assessment, metrics: dict[str, Any
     pe = a.evaluation.per_example()
     norm = a.attacks[-1].norm
     if all(atk.family == MINIMIZATION for atk in a.attacks):
-        norms = np.where(pe["broken_by"].notna(), pe["linf" if norm is Norm.LINF else "l2"], np.inf)
+        norms = np.where(pe["broken_by"].notna(), pe[norm.value], np.inf)
         finite = norms[np.isfinite(norms)]
         top = float(np.quantile(finite, 0.99)) * 1.1 if finite.size else 1.0
         top = float(a.eps) if a.eps is not None else top   # with an epsilon the curve stops there

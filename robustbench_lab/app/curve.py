@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 
 CURVE_SEED_OFFSET = 2_000_003   # the curve attack's streams are seeded apart from the run's attacks
 # epsilons a reader knows, per norm (input space, [0, 1] pixels); the run's own eps is added
-READABLE = {Norm.LINF: (0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2), Norm.L2: (0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0)}
+READABLE = {Norm.LINF: (0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2), Norm.L2: (0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0),
+            Norm.L1: (1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 30.0)}
 
 
 def needs_curve(attack: Attack | None, attacks: Sequence[Attack]) -> bool:
@@ -49,7 +50,7 @@ def robustness_curve(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack:
     ev = evaluate(model, x, y, [attack], None, gen, batch_size=batch_size, indices=indices, progress=progress)
     seconds = time.perf_counter() - t0
     pe = ev.per_example()
-    col = "linf" if attack.norm is Norm.LINF else "l2"
+    col = attack.norm.value            # the per-example column of the attack's own norm
     norms = np.where(pe["broken_by"].notna(), pe[col], np.inf)
     cc = pe["clean_correct"].to_numpy()
     finite = norms[cc & np.isfinite(norms)]

@@ -32,7 +32,7 @@ from torch import nn
 
 from robustbench_lab.core.errors import ConfigError, check_choice, check_number
 from robustbench_lab.core.model import eval_frozen
-from robustbench_lab.core.norms import Norm, l2, linf, norm_of, project
+from robustbench_lab.core.norms import Norm, l1, l2, linf, norm_of, project
 from robustbench_lab.core.rng import streams_for
 
 
@@ -55,8 +55,8 @@ class AttackResult:
 
     ``x_adv``: (B, C, H, W) the returned inputs, inside the box (and the epsilon ball for fixed-epsilon
     attacks); ``success``: (B,) bool, recomputed on ``x_adv`` (misclassified, and for a minimization attack
-    called with an epsilon, within it); ``adv_pred``: (B,) predictions on ``x_adv``; ``l2`` / ``linf``: (B,)
-    norms of ``x_adv - x``; ``n_forward`` / ``n_backward``: passes the method spent, summed over examples
+    called with an epsilon, within it); ``adv_pred``: (B,) predictions on ``x_adv``; ``l2`` / ``linf`` / ``l1``:
+    (B,) norms of ``x_adv - x``; ``n_forward`` / ``n_backward``: passes the method spent, summed over examples
     (the verification pass is not counted); ``seconds``: wall time of the method.
     """
 
@@ -75,10 +75,11 @@ class AttackResult:
     raw_ball_violation: float = 0.0    # how far the method's own output left the epsilon ball (fixed-eps) ...
     raw_box_violation: float = 0.0     # ... and the box, before the template clipped it: > 1e-6 is a bug
     n_projected: int = 0               # points the template had to move
+    l1: torch.Tensor | None = None     # (B,); the template always fills it (a default keeps older callers valid)
 
     @property
     def norms(self) -> torch.Tensor:
-        return self.linf if self.norm is Norm.LINF else self.l2
+        return {Norm.LINF: self.linf, Norm.L2: self.l2, Norm.L1: self.l1}[self.norm]
 
     def success_at(self, eps: float) -> torch.Tensor:
         """Success at budget ``eps``: fooled with a perturbation of norm at most eps (plus float slack)."""
@@ -195,7 +196,7 @@ class Attack(abc.ABC):
         res = AttackResult(x_adv=x_adv, success=fooled.clone(), adv_pred=adv_pred, l2=l2(delta), linf=linf(delta),
                            fooled=fooled, norm=self.norm, n_forward=counting.n_forward,
                            n_backward=counting.n_backward, seconds=seconds, n_nan=n_nan, n_hvp=counting.n_hvp,
-                           raw_ball_violation=ball, raw_box_violation=box, n_projected=moved)
+                           raw_ball_violation=ball, raw_box_violation=box, n_projected=moved, l1=l1(delta))
         if self.family == AttackFamily.MINIMIZATION and eps is not None:
             res.success = res.success_at(float(eps))
         return res

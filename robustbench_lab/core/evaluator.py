@@ -18,7 +18,7 @@ from torch import nn
 
 from robustbench_lab.core.attack_base import Attack, AttackFamily, AttackResult
 from robustbench_lab.core.model import predict
-from robustbench_lab.core.norms import Norm, l2, linf
+from robustbench_lab.core.norms import Norm, l1, l2, linf
 from robustbench_lab.core.progress import SILENT, Progress
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ class Evaluation:
     attack_seconds: dict[str, float]
     attack_counts: dict[str, dict[str, Any]]
     n_nan: int
-    ensemble: str | None = None    # minimal-norm ensemble: the norm column ("l2"/"linf") the smallest is taken in
+    ensemble: str | None = None    # minimal-norm ensemble: the norm column ("l2"/"linf"/"l1") the smallest is taken in
 
     def per_example(self) -> pd.DataFrame:
         """One row per example: the worst case over attacks (a cascade: the first attack that broke it; a
@@ -49,8 +49,9 @@ class Evaluation:
         out = base.copy()
         out["robust"] = self.robust.cpu().numpy()
         out["broken_by"] = first["attack"].reindex(out.index)
-        for c in ("adv_pred", "l2", "linf", "rel_l2", "rel_linf"):
-            out[c] = first[c].reindex(out.index)
+        for c in ("adv_pred", "l2", "linf", "rel_l2", "rel_linf", "l1", "rel_l1"):
+            if c in first:   # the L1 columns exist where an attack's norm is L1
+                out[c] = first[c].reindex(out.index)
         return out.reset_index()
 
 
@@ -74,6 +75,7 @@ class AttackOutcome:
     raw_ball_violation: float = 0.0   # the largest over batches (see AttackResult)
     raw_box_violation: float = 0.0
     n_projected: int = 0
+    l1: torch.Tensor | None = None    # (N,)
 
     @property
     def robust(self) -> torch.Tensor:
@@ -102,7 +104,7 @@ def attack_points(model: nn.Module, attack: Attack, x: torch.Tensor, y: torch.Te
     fooled = torch.zeros_like(attacked)
     x_adv = x.clone()
     adv_pred = torch.zeros(n, dtype=torch.long, device=x.device)
-    norms = {"l2": torch.zeros(n, device=x.device), "linf": torch.zeros(n, device=x.device)}
+    norms = {k: torch.zeros(n, device=x.device) for k in ("l2", "linf", "l1")}
     nf = nb = n_nan = n_hvp = n_projected = 0
     ball = box = 0.0
     bar = progress.bar(todo.numel(), attack.name)   # closes itself when the last batch is counted
@@ -123,8 +125,9 @@ def attack_points(model: nn.Module, attack: Attack, x: torch.Tensor, y: torch.Te
         adv_pred[b] = res.adv_pred
         norms["l2"][b] = res.l2
         norms["linf"][b] = res.linf
+        norms["l1"][b] = res.l1
     return AttackOutcome(clean_correct, attacked, success, fooled, x_adv, adv_pred, norms["l2"], norms["linf"],
-                         nf, nb, n_nan, n_hvp, ball, box, n_projected)
+                         nf, nb, n_nan, n_hvp, ball, box, n_projected, norms["l1"])
 
 
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Sequence[Attack],
@@ -153,7 +156,8 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Sequen
     counts: dict[str, dict[str, int]] = {}
     n_nan = 0
     ensemble = bool(attacks) and all(AttackFamily(a.family) == AttackFamily.MINIMIZATION for a in attacks)
-    norm_col = ("linf" if attacks[-1].norm is Norm.LINF else "l2") if ensemble else None
+    norm_col = attacks[-1].norm.value if ensemble else None
+    with_l1 = any(a.norm is Norm.L1 for a in attacks)
     best = torch.full((n,), float("inf"), device=dev)   # ensemble: the smallest successful norm so far
     for order, atk in enumerate(attacks):
         t0 = time.perf_counter()
@@ -162,7 +166,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Sequen
                             progress=progress)
         n_nan += out.n_nan
         if ensemble:
-            size = out.linf if norm_col == "linf" else out.l2
+            size = {"linf": out.linf, "l2": out.l2, "l1": out.l1}[norm_col]
             better = out.success & (size < best)
             best = torch.where(better, size, best)
         else:
@@ -174,6 +178,9 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Sequen
         adv_pred = torch.where(out.attacked, out.adv_pred, clean_pred).cpu().numpy()
         cols = {k: np.where(attacked, v.cpu().numpy(), np.nan) for k, v in
                 (("l2", out.l2), ("linf", out.linf), ("rel_l2", out.l2 / x_norm_l2), ("rel_linf", out.linf / x_norm_linf))}
+        if with_l1:
+            cols["l1"] = np.where(attacked, out.l1.cpu().numpy(), np.nan)
+            cols["rel_l1"] = np.where(attacked, (out.l1 / l1(x).clamp_min(1e-12)).cpu().numpy(), np.nan)
         nf, nb = out.n_forward, out.n_backward
         seconds[atk.name] = time.perf_counter() - t0
         counts[atk.name] = {"forward": nf, "backward": nb, "hvp": out.n_hvp, "attacked": int(attacked.sum()),
@@ -219,6 +226,11 @@ def summarize(ev: Evaluation, attacks: Sequence[Attack], eps: float | None) -> d
     every_broken = len(broken) == n_cc
     paper = {f"paper_rel_{k}": float(broken[f"rel_{k}"].sum() / n) if n and every_broken else float("nan")
              for k in ("l2", "linf")}
+    # L1 metrics only where an attack measured in L1 ran (the table then has its columns)
+    nan = float("nan")
+    by_l1 = {"median_l1": float(broken["l1"].median()) if len(broken) else nan,
+             "mean_l1": float(broken["l1"].mean()) if len(broken) else nan,
+             "mean_rel_l1": float(broken["rel_l1"].mean()) if len(broken) else nan} if "l1" in pe else {}
     return {
         "n_examples": n,
         "clean_accuracy": float(cc.mean()) if n else float("nan"),
@@ -230,6 +242,7 @@ def summarize(ev: Evaluation, attacks: Sequence[Attack], eps: float | None) -> d
         "mean_linf": float(broken["linf"].mean()) if len(broken) else float("nan"),
         "mean_rel_l2": float(broken["rel_l2"].mean()) if len(broken) else float("nan"),
         "mean_rel_linf": float(broken["rel_linf"].mean()) if len(broken) else float("nan"),
+        **by_l1,
         "grad_evals_per_example": float(grads / n_attacked) if n_attacked else 0.0,
         "forward_evals_per_example": float(fwds / n_attacked) if n_attacked else 0.0,
         "hvp_per_example": float(hvps / n_attacked) if n_attacked else 0.0,

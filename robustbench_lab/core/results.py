@@ -131,6 +131,7 @@ def summary_markdown(m: dict[str, Any], extra_sections: list[str] | None = None)
         f"| robust accuracy (all points; worst case over attacks) | {f(m['robust_accuracy'], True)} |",
         f"| attack success rate (among clean-correct points) | {f(m['attack_success_rate'], True)} |",
         f"| median L2 / L-inf of successful perturbations | {f(m['median_l2'])} / {f(m['median_linf'])} |",
+        *([f"| median L1 of successful perturbations | {f(m['median_l1'])} |"] if "median_l1" in m else []),
         f"| mean relative L2 perturbation ||d||/||x|| | {f(m['mean_rel_l2'])} |",
         f"| gradient evaluations per attacked example | {f(m['grad_evals_per_example'])} |",
         f"| attack seconds / run seconds | {f(m.get('attack_seconds'))} / {f(m['seconds'])} |",
