@@ -66,10 +66,23 @@ def fmnist_small():
 
 @pytest.fixture(scope="session")
 def trained_small_cnn(fmnist_small):
-    """A SmallCNN (width 32) trained for 3 epochs on 6000 Fashion-MNIST points (~85% test accuracy)."""
+    """A SmallCNN (width 32) trained for 3 epochs on 6000 Fashion-MNIST points (~85% test accuracy).
+
+    Trained on one thread whatever the caller's setting, so every test sees the same model: with the
+    machine's default (2 threads) the summation order differs and so do the weights, and tests calibrated on
+    one model would depend on which module asked for the fixture first."""
     from robustbench_lab.core.model import Classifier
     from robustbench_lab.core.zoo import SmallCNN
     x, y, xt, yt = fmnist_small
+    n_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train_small_cnn(Classifier, SmallCNN, x, y, xt, yt)
+    finally:
+        torch.set_num_threads(n_threads)
+
+
+def _train_small_cnn(Classifier, SmallCNN, x, y, xt, yt):
     torch.manual_seed(0)
     m = Classifier(SmallCNN(1, 10, width=32), (0.286,), (0.353,), 10)
     opt = torch.optim.Adam(m.parameters(), lr=2e-3)
