@@ -20,9 +20,8 @@ from torch import nn
 from robustbench_lab.core.attack_base import Attack, AttackFamily
 from robustbench_lab.core.errors import check_choice, check_number
 from robustbench_lab.core.norms import Norm, flat, l2, normalize_grad, project
-from robustbench_lab.core.rng import ExampleRandom
+from robustbench_lab.core.rng import ExampleRandom, streams_for
 
-LOSSES = ("ce", "dlr")
 MOMENTUM = 0.75        # alpha: weight of the new projected step against the previous displacement
 INITIAL_STEP = 2.0     # the step starts at 2 eps and is only ever halved
 
@@ -70,6 +69,9 @@ def targeted_dlr_loss(logits: torch.Tensor, y: torch.Tensor, target: torch.Tenso
     return -(z_y - z_t) / (scale + 1e-12)
 
 
+UNTARGETED_LOSSES = {"ce": lambda logits, y: F.cross_entropy(logits, y, reduction="none"), "dlr": dlr_loss}
+
+
 def _bc(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.view(-1, *([1] * (like.dim() - 1)))
 
@@ -110,7 +112,7 @@ class APGD(Attack):
         self.rho = float(rho)
 
     def _check_loss(self, loss: str) -> str:
-        return check_choice("attack.loss", loss, LOSSES)
+        return check_choice("attack.loss", loss, tuple(UNTARGETED_LOSSES))
 
     # -- what varies between APGD and APGD-T -------------------------------------------------------------
     def _runs(self, n_classes: int) -> list[tuple[str, int]]:
@@ -118,16 +120,14 @@ class APGD(Attack):
         return [(f"restart{r}", 0) for r in range(self.n_restarts)]
 
     def _loss(self, logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
-        if self.loss == "ce":
-            return F.cross_entropy(logits, y, reduction="none")
-        return dlr_loss(logits, y)
+        return UNTARGETED_LOSSES[self.loss](logits, y)
 
     # -- the method ---------------------------------------------------------------------------------------
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | None,
             generator: torch.Generator) -> torch.Tensor:
         assert eps is not None
         if not isinstance(generator, ExampleRandom):   # called outside the template: streams for 0..B-1
-            generator = ExampleRandom(torch.arange(x.shape[0], device=x.device), generator.initial_seed(), self.name)
+            generator = streams_for(generator, x.shape[0], x.device, self.name)
         out = x.clone()
         with torch.no_grad():
             clean = model(x)
