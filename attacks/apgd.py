@@ -5,7 +5,7 @@ parameter-free attacks", ICML 2020), untargeted (``APGD``: CE or DLR loss) and t
 Our implementation of the method as the paper defines it; the authors' code (``pyautoattack.autopgd_base``,
 which ``attack=autoattack`` runs) was read for the details the paper leaves open. Every random start is
 drawn from the call's per-example streams, so an example's result depends on (seed, its id) alone, not on
-the batch it shares or on the attacks that ran before. ``docs/methods.md`` section 2.10 lists where we
+the batch it shares or on the attacks that ran before. ``docs/methods.md`` section 2.12 lists where we
 depart from the authors' code and why.
 """
 

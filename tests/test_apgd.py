@@ -90,15 +90,15 @@ def test_same_start_follows_the_authors_trajectory(trained_small_cnn, correct, m
     """Both codes started from the same point (100 clean-correct points, 100 iterations): the same points
     fall (2 may differ), and on the points neither breaks our best loss equals theirs on at least 85%.
 
-    Where the two differ we follow the paper, not the code (docs/methods.md 2.10): the first window counts
+    Where the two differ we follow the paper, not the code (docs/methods.md 2.12): the first window counts
     increases over the start's loss (the code compares with an unset entry, 0), "fewer than rho" is strict
     (the code: at most), the stalled-best-loss rule applies from the first checkpoint (the code: from the
-    second), and after a cut the next increase is counted against the best loss. Measured on this model,
-    cases in the order of the parameters: the same points broken in all three; equal best loss on 64/66,
-    57/60 and 51/55 points (with the code's four choices instead: 66/66, 58/60, 55/55; the L2 remainder is
-    float rounding in the normalized step). A changed detail breaks the agreement: momentum 0.6, the first
-    checkpoint at 25, no return to the best point at a cut, a cut by 1.5 instead of 2, or a first step of
-    eps instead of 2 eps each left at most 27/66, 14/60 and 7/55 points equal."""
+    second), and after a cut the next increase is counted against the best loss. Measured on this model
+    (the fixture trained on one thread), cases in the order of the parameters: the same points broken in
+    all three; equal best loss on 63/66, 54/60 and 52/53 points (with the code's four choices instead:
+    64/66, 58/60, 53/53; the rest is float rounding). A changed detail breaks the agreement: momentum 0.6,
+    the first checkpoint at 25, no return to the best point at a cut, a cut by 1.5 instead of 2, or a first
+    step of eps instead of 2 eps each left at most 27/66, 14/60 and 15/53 points equal."""
     m = trained_small_cnn
     x, y = correct
     g = gen(11)
@@ -148,9 +148,9 @@ def test_apgd_ce_agrees_with_the_authors(trained_small_cnn, apgd_ce_run):
     """Robust accuracy of our APGD-CE and pyautoattack's ``APGDAttack`` (loss ce, 100 iterations, 1
     restart), L-inf eps 0.05, the same 200 points (clean accuracy 0.805).
 
-    Measured robust accuracy, seeds 0-4: ours 0.550, 0.555, 0.555, 0.560, 0.560; the authors' 0.555, 0.560,
-    0.555, 0.560, 0.555. The ten runs span 0.550-0.560 (2 of 200 points) and the same seed never put the two
-    more than 1 point apart; the tolerance is twice that span, 4 points. Robust accuracy is a coarse view
+    Measured robust accuracy, seeds 0-4: ours 0.555, 0.545, 0.550, 0.545, 0.550; the authors' 0.545, 0.550,
+    0.545, 0.550, 0.545. The ten runs span 0.545-0.555 (2 of 200 points); the tolerance is twice that span,
+    4 points. Robust accuracy is a coarse view
     (the trajectory test above is the sharp one): it only catches a method that is clearly weaker or
     stronger than the authors'."""
     m = trained_small_cnn
@@ -167,7 +167,7 @@ def test_apgd_ce_agrees_with_the_authors(trained_small_cnn, apgd_ce_run):
 def test_apgd_ce_at_least_as_strong_as_pgd20(trained_small_cnn, apgd_ce_run):
     """APGD-CE (100 iterations) against our PGD-20 at the same eps and points: both are randomized, so one
     point of slack, no more. Measured, seeds 0-4: PGD-20 0.565, 0.565, 0.565, 0.570, 0.570 against APGD-CE's
-    0.550-0.560 (previous test)."""
+    0.545-0.555 (previous test)."""
     m = trained_small_cnn
     x, y, res = apgd_ce_run
     r_pgd = PGD(norm="linf", steps=20)(m, x, y, eps=0.05, generator=gen())
@@ -177,10 +177,10 @@ def test_apgd_ce_at_least_as_strong_as_pgd20(trained_small_cnn, apgd_ce_run):
 
 def test_apgd_t_agrees_with_the_authors(trained_small_cnn, pts):
     """Robust accuracy of our APGD-T and pyautoattack's ``APGDAttack_targeted`` (9 target classes, 100
-    iterations, 1 restart), L-inf eps 0.07, the first 100 test points (clean accuracy 0.82).
+    iterations, 1 restart), L-inf eps 0.07, the first 100 test points (clean accuracy 0.83).
 
-    Measured robust accuracy, seeds 0-4: ours 0.46, 0.47, 0.47, 0.46, 0.46; the authors' 0.46, 0.46, 0.46,
-    0.47, 0.47. The ten runs span 1 point in 100; the tolerance is twice that, 2 points."""
+    Measured robust accuracy, seeds 0-4: ours 0.47, 0.46, 0.46, 0.46, 0.46; the authors' 0.45, 0.46, 0.46,
+    0.46, 0.46. The ten runs span 2 points in 100; the tolerance is twice that, 4 points."""
     m = trained_small_cnn
     xt, yt = pts
     x, y = xt[:100], yt[:100]
@@ -191,7 +191,7 @@ def test_apgd_t_agrees_with_the_authors(trained_small_cnn, pts):
                                          n_target_classes=9, device=x.device).perturb(x, y)
     ours, theirs = n_robust(m, res.x_adv, y), n_robust(m, x_ref, y)
     assert n_robust(m, x, y) - theirs >= 20, "the budget breaks too little for a comparison"
-    assert abs(ours - theirs) <= 2, (ours, theirs)
+    assert abs(ours - theirs) <= 4, (ours, theirs)
 
 
 # -- randomness, configs ------------------------------------------------------------------------------------
