@@ -32,6 +32,8 @@ CASES = [(a, n, {"linf": 0.1, "l2": 1.5, "l1": 8.0}[n]) for a in ATTACK_CONFIGS 
 # is tested in their own files).
 FAST = {"autoattack": ["attack.version=custom", "attack.attacks=[apgd-ce,apgd-t]", "attack.apgd_n_iter=20",
                        "attack.n_target_classes=3"],
+        "apgd": ["attack.n_iter=20"],
+        "apgd_t": ["attack.n_iter=20", "attack.n_target_classes=3"],
         "square": ["attack.n_queries=300"],
         "cw": ["attack.binary_search_steps=4", "attack.steps=40", "attack.initial_const=1.0", "attack.lr=0.05"],
         "ddn": ["attack.steps=30"],

@@ -33,6 +33,8 @@ from conftest import ROOT, compose
 
 # tiny budgets per attack config; the rest of each config is as shipped
 BUDGET = {
+    "apgd": ["attack.n_iter=4", "attack.n_restarts=2"],
+    "apgd_t": ["attack.n_iter=4", "attack.n_target_classes=2"],
     "autoattack": ["attack.version=custom", "attack.attacks=[apgd-ce,apgd-t]", "attack.apgd_n_iter=4",
                    "attack.apgd_n_restarts=1", "attack.n_target_classes=1"],
     "cw": ["attack.steps=8", "attack.binary_search_steps=2", "attack.initial_const=1.0", "attack.lr=0.1"],
