@@ -117,13 +117,17 @@ def external(fn, model, x, y):
 
 
 def foolbox_call(fb, attack, eps):
-    """A Foolbox attack as ``f(model, x, y) -> x_adv`` that keeps only its real successes: where Foolbox
-    reports failure the returned point is not an adversarial (CW returns an all-zero image there), so the
-    clean input is returned instead and the row counts a failure."""
+    """A Foolbox attack as ``f(model, x, y) -> x_adv`` that keeps only its real successes. Where a
+    minimization attack found nothing, Foolbox returns a placeholder (CW: an all-zero image) and its success
+    flag is whether that placeholder is misclassified, which an all-black image often is. So a point counts
+    as broken only if Foolbox reports success and the returned point is not the all-zero placeholder;
+    elsewhere the clean input is returned and the row counts a failure."""
     def f(m, xx, yy):
         fm = fb.PyTorchModel(m, bounds=(0, 1), device=xx.device)
         _, clipped, success = attack(fm, xx, yy, epsilons=eps)
-        return torch.where(success.view(-1, *[1] * (xx.dim() - 1)), clipped, xx)
+        placeholder = (clipped.flatten(1).abs().amax(1) == 0) & (xx.flatten(1).abs().amax(1) > 0)
+        real = success & ~placeholder
+        return torch.where(real.view(-1, *[1] * (xx.dim() - 1)), clipped, xx)
     return f
 
 

@@ -103,6 +103,7 @@ def interleaved_ratios(model, x, y, repeats):
 
 def plot_curves(curves, path: Path):
     import matplotlib
+    import matplotlib.ticker
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
@@ -112,6 +113,8 @@ def plot_curves(curves, path: Path):
         if pts:
             ax.plot(*zip(*pts), marker=marker, label=f"{name[:2]} (first order)" if name == "TR-L2" else "CW")
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())   # major ticks only: minor labels collide
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     ax.set_xlabel("Gradient evaluations per example", fontsize=10)
     ax.set_ylabel("Median L2 perturbation", fontsize=10)
     ax.tick_params(labelsize=9)
