@@ -20,7 +20,7 @@ from torch import nn
 from robustbench_lab.core.attack_base import Attack, AttackFamily
 from robustbench_lab.core.errors import check_choice, check_number
 from robustbench_lab.core.norms import Norm, flat, l2, normalize_grad, project
-from robustbench_lab.core.rng import ExampleRandom, streams_for
+from robustbench_lab.core.rng import ExampleRandom, as_streams
 
 MOMENTUM = 0.75        # alpha: weight of the new projected step against the previous displacement
 INITIAL_STEP = 2.0     # the step starts at 2 eps and is only ever halved
@@ -126,8 +126,7 @@ class APGD(Attack):
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | None,
             generator: torch.Generator) -> torch.Tensor:
         assert eps is not None
-        if not isinstance(generator, ExampleRandom):   # called outside the template: streams for 0..B-1
-            generator = streams_for(generator, x.shape[0], x.device, self.name)
+        generator = as_streams(generator, x.shape[0], x.device, self.name)
         out = x.clone()
         with torch.no_grad():
             clean = model(x)

@@ -21,7 +21,7 @@ from torch import nn
 from robustbench_lab.core.attack_base import Attack, AttackFamily
 from robustbench_lab.core.errors import check_bool, check_choice, check_number
 from robustbench_lab.core.norms import Norm, l2
-from robustbench_lab.core.rng import ExampleRandom
+from robustbench_lab.core.rng import ExampleRandom, as_streams
 
 LOSSES = ("margin", "ce")
 # the p schedule (written for 10,000 queries): p_init halves after each of these query counts
@@ -132,8 +132,7 @@ class Square(Attack):
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | None,
             generator: torch.Generator) -> torch.Tensor:
         assert eps is not None
-        if not isinstance(generator, ExampleRandom):   # called outside the template: streams for 0..B-1
-            generator = ExampleRandom(torch.arange(x.shape[0], device=x.device), generator.initial_seed(), self.name)
+        generator = as_streams(generator, x.shape[0], x.device, self.name)
         adv = x.clone()
         with torch.no_grad():
             robust = model(x).argmax(1) == y

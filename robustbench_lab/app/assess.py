@@ -14,11 +14,12 @@ import torch
 from torch import nn
 
 from robustbench_lab.app.checks import report as checks_report
+from robustbench_lab.app.curve import write_curve
 from robustbench_lab.app.checks import run_checks
 from robustbench_lab.core.attack_base import MINIMIZATION, Attack
-from robustbench_lab.core.evaluator import Evaluation, evaluate, robust_accuracy_curve, summarize
+from robustbench_lab.core.evaluator import Evaluation, evaluate, summarize
 from robustbench_lab.core.progress import SILENT, Progress
-from robustbench_lab.core.results import ResultWriter, plot_curve, plot_examples, summary_markdown
+from robustbench_lab.core.results import ResultWriter, plot_examples, summary_markdown
 
 CHECK_SEED_OFFSET = 1_000_003   # the checks' generator is seeded apart from the attacks'
 
@@ -78,12 +79,8 @@ def write_assessment(writer: ResultWriter, a: Assessment, metrics: dict[str, Any
     norm = a.attacks[-1].norm
     if all(atk.family == MINIMIZATION for atk in a.attacks):
         norms = np.where(pe["broken_by"].notna(), pe[norm.value], np.inf)
-        finite = norms[np.isfinite(norms)]
-        top = float(np.quantile(finite, 0.99)) * 1.1 if finite.size else 1.0
-        top = float(a.eps) if a.eps is not None else top   # with an epsilon the curve stops there
-        curve = robust_accuracy_curve(norms, pe["clean_correct"].to_numpy(), np.linspace(0, top, 41))
-        writer.write_csv("robust_accuracy_curve.csv", curve)
-        plot_curve(writer.path("robust_accuracy_curve.png"), curve, title, f"epsilon ({norm.value})")
+        write_curve(writer, norms, pe["clean_correct"].to_numpy(), title, f"epsilon ({norm.value})", a.eps,
+                    stop_at_eps=True)
         sections.append("Robust accuracy vs epsilon (from minimal norms): robust_accuracy_curve.csv/.png")
     sel = np.array(pe.index[pe["broken_by"].notna()].to_numpy()[:8])
     if sel.size == 0:

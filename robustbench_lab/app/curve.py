@@ -17,6 +17,7 @@ import time
 from typing import Any, Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 
@@ -32,6 +33,22 @@ CURVE_SEED_OFFSET = 2_000_003   # the curve attack's streams are seeded apart fr
 # epsilons a reader knows, per norm (input space, [0, 1] pixels); the run's own eps is added
 READABLE = {Norm.LINF: (0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2), Norm.L2: (0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0),
             Norm.L1: (1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 30.0)}
+
+
+def write_curve(writer: ResultWriter, norms: np.ndarray, clean_correct: np.ndarray, title: str, xlabel: str,
+                eps: float | None = None, stop_at_eps: bool = False) -> pd.DataFrame:
+    """Robust accuracy on 41 epsilons from per-example minimal norms (+inf where not broken), written as
+    ``robust_accuracy_curve.csv/.png``. The grid reaches past the 99th percentile of the finite norms; with
+    ``eps`` it stops there (``stop_at_eps``) or includes it."""
+    finite = norms[np.isfinite(norms)]
+    top = float(np.quantile(finite, 0.99)) * 1.1 if finite.size else (eps or 1.0)
+    grid = np.linspace(0, top, 41)
+    if eps is not None:
+        grid = np.linspace(0, float(eps), 41) if stop_at_eps else np.union1d(np.linspace(0, max(top, eps), 41), [eps])
+    curve = robust_accuracy_curve(norms, clean_correct, grid)
+    writer.write_csv("robust_accuracy_curve.csv", curve)
+    plot_curve(writer.path("robust_accuracy_curve.png"), curve, title, xlabel)
+    return curve
 
 
 def needs_curve(attack: Attack | None, attacks: Sequence[Attack]) -> bool:
@@ -53,13 +70,7 @@ def robustness_curve(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack:
     col = attack.norm.value            # the per-example column of the attack's own norm
     norms = np.where(pe["broken_by"].notna(), pe[col], np.inf)
     cc = pe["clean_correct"].to_numpy()
-    finite = norms[cc & np.isfinite(norms)]
-    top = float(np.quantile(finite, 0.99)) * 1.1 if finite.size else (eps or 1.0)
-    grid = np.union1d(np.linspace(0, max(top, eps or 0.0), 41), [eps] if eps is not None else [])
-    curve = robust_accuracy_curve(norms, cc, grid)
-    writer.write_csv("robust_accuracy_curve.csv", curve)
-    plot_curve(writer.path("robust_accuracy_curve.png"), curve, f"{title} ({attack.name}, minimal norms)",
-               f"epsilon ({attack.norm.value})")
+    write_curve(writer, norms, cc, f"{title} ({attack.name}, minimal norms)", f"epsilon ({attack.norm.value})", eps)
     readable = sorted(set(READABLE[attack.norm]) | ({float(eps)} if eps is not None else set()))
     at = robust_accuracy_curve(norms, cc, readable)
     n_cc = int(cc.sum())

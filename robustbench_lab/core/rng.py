@@ -134,3 +134,9 @@ def streams_for(generator: torch.Generator | None, n: int, device: torch.device,
     if ids.numel() != n:
         raise ValueError(f"{salt}: {ids.numel()} example ids for a batch of {n}")
     return ExampleRandom(ids, seed, salt)
+
+
+def as_streams(generator: torch.Generator, n: int, device: torch.device, salt: str) -> ExampleRandom:
+    """``generator`` when it already is per-example streams (the template's call), else streams for rows
+    0..n-1 under its seed: for an attack's ``run`` called directly, outside the template."""
+    return generator if isinstance(generator, ExampleRandom) else streams_for(generator, n, device, salt)
