@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from robustbench_lab.core import data as data_mod
@@ -18,10 +18,11 @@ from robustbench_lab.core import sources, zoo
 from robustbench_lab.core.attack_base import MINIMIZATION, Attack
 from robustbench_lab.core.cache import CheckpointCache, load_weights
 from robustbench_lab.core.defense_base import Defense
-from robustbench_lab.core.errors import ConfigError
+from robustbench_lab.core.errors import ConfigError, check_bool
 from robustbench_lab.core.model import Classifier
 from robustbench_lab.core.norms import Norm
 from robustbench_lab.core.recipe import Recipe
+from robustbench_lab.core.targets import check_target
 from robustbench_lab.core.train import EpochCallback, get_or_train
 from robustbench_lab.core.train import checkpoint_spec as train_checkpoint_spec
 
@@ -34,6 +35,8 @@ def build_attack(cfg: DictConfig, key: str = "attack") -> tuple[Attack, float | 
     assert isinstance(node, dict)
     eps = node.pop("eps", None)
     cfg_name = node.pop("name", None)
+    targeted = node.pop("targeted", False)
+    target = node.pop("target", "random")
     if "_target_" not in node:
         raise ConfigError(f"{key}._target_", None, "the import path of an Attack class")
     try:
@@ -50,6 +53,13 @@ def build_attack(cfg: DictConfig, key: str = "attack") -> tuple[Attack, float | 
         raise ConfigError(f"{key}._target_", node["_target_"], "an Attack subclass")
     if cfg_name:
         atk.name = str(cfg_name)   # the config's name labels results (e.g. cw_linf is PGD on the CW margin)
+    check_bool(f"{key}.targeted", targeted)
+    if targeted:
+        if not atk.targetable:
+            raise ConfigError(f"{key}.targeted", targeted, "false",
+                              f"{atk.name} is an untargeted method; attacks that take a target: "
+                              + ", ".join(targetable_attacks()))
+        atk.set_target(check_target(target, f"{key}.target"))
     if eps is not None:
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
             raise ConfigError(f"{key}.eps", eps, "a number >= 0 (input space, [0, 1] pixels), or null for "
@@ -60,6 +70,19 @@ def build_attack(cfg: DictConfig, key: str = "attack") -> tuple[Attack, float | 
     elif atk.family != MINIMIZATION:
         raise ConfigError(f"{key}.eps", eps, "a number >= 0", f"{atk.name} is a fixed-epsilon attack")
     return atk, eps
+
+
+def targetable_attacks() -> list[str]:
+    """Names of the attack configs whose class takes a target (``Attack.targetable``)."""
+    names = []
+    for p in sorted((CONF_DIR / "attack").glob("*.yaml")):
+        path = OmegaConf.load(p).get("_target_")
+        try:
+            if path and getattr(get_class(str(path)), "targetable", False):
+                names.append(p.stem)
+        except Exception:   # an unimportable class is reported when it is used, not here
+            continue
+    return names
 
 
 def build_attacks(cfg: DictConfig) -> tuple[list[Attack], float | None, str]:

@@ -14,6 +14,10 @@ model exists. Model, inputs, labels, epsilon and a ``torch.Generator`` come at c
 5. recompute success with a fresh forward pass on exactly the returned tensor: an attack's own success
    flag is never trusted.
 
+Targeted mode (``set_target``, for attacks with ``targetable = True``): the template picks each example's
+target class (``core.targets``) from one clean forward pass that is not counted, hands it to ``run`` as the
+keyword ``target`` (B,), and success then means "predicted as the target" on the returned tensor.
+
 Two families, as in Foolbox: fixed-epsilon attacks (FGSM, PGD) return a point inside the ball; minimization
 attacks (trust-region, CW, DeepFool) return the smallest adversarial they found, so a single run is scored
 at every epsilon (``AttackResult.success_at``).
@@ -34,6 +38,7 @@ from robustbench_lab.core.errors import ConfigError, check_choice, check_number
 from robustbench_lab.core.model import eval_frozen
 from robustbench_lab.core.norms import Norm, l1, l2, linf, norm_of, project
 from robustbench_lab.core.rng import streams_for
+from robustbench_lab.core.targets import TARGET_STREAM, TargetSpec, check_target, choose_targets
 
 
 class AttackFamily(str, Enum):
@@ -76,6 +81,7 @@ class AttackResult:
     raw_box_violation: float = 0.0     # ... and the box, before the template clipped it: > 1e-6 is a bug
     n_projected: int = 0               # points the template had to move
     l1: torch.Tensor | None = None     # (B,); the template always fills it (a default keeps older callers valid)
+    target: torch.Tensor | None = None # (B,) targeted mode: each example's target class (``fooled``: predicted as it)
 
     @property
     def norms(self) -> torch.Tensor:
@@ -125,6 +131,8 @@ class Attack(abc.ABC):
     name: ClassVar[str] = "attack"
     family: ClassVar[AttackFamily] = AttackFamily.FIXED_EPS
     supported_norms: ClassVar[tuple[Norm, ...]] = (Norm.LINF, Norm.L2)
+    targetable: ClassVar[bool] = False       # True: ``run`` accepts ``target=`` (B,) and pushes towards it
+    target: TargetSpec | None = None         # set by ``set_target``; None: untargeted
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -148,6 +156,22 @@ class Attack(abc.ABC):
         """
 
     @property
+    def targeted(self) -> bool:
+        return self.target is not None
+
+    def set_target(self, target: TargetSpec | None) -> "Attack":
+        """Targeted mode towards ``target`` (``random``, ``least_likely`` or a class index; see
+        ``core.targets``), or untargeted with None. Returns the attack itself."""
+        if target is None:
+            self.target = None
+            return self
+        if not self.targetable:
+            raise ConfigError("attack.targeted", True, "false",
+                              f"{self.name} is an untargeted method (its class sets targetable = False)")
+        self.target = check_target(target)
+        return self
+
+    @property
     def stream_name(self) -> str:
         """What names this attack's random streams (with the seed and the example id): the attack's name,
         so a repeated attack replays its draws whatever ran before it."""
@@ -166,13 +190,20 @@ class Attack(abc.ABC):
         an ``ExampleRandom``), key the per-example random streams."""
         lower, upper = getattr(model, "bounds", (0.0, 1.0))
         self._validate(x, y, eps, lower, upper)
+        target_streams = streams_for(generator, x.shape[0], x.device, TARGET_STREAM, ids) if self.targeted else None
         generator = streams_for(generator, x.shape[0], x.device, self.stream_name, ids)
         x = x.detach()
         y = y.detach()
         with eval_frozen(model):
             counting = CountingModel(model)
+            kwargs = {}
+            target = None
+            if target_streams is not None:
+                with torch.no_grad():
+                    target = choose_targets(model(x), y, self.target, target_streams)  # type: ignore[arg-type]
+                kwargs["target"] = target
             t0 = time.perf_counter()
-            x_adv = self.run(counting, x, y, eps, generator).detach()
+            x_adv = self.run(counting, x, y, eps, generator, **kwargs).detach()
             seconds = time.perf_counter() - t0
             if x_adv.shape != x.shape:
                 raise RuntimeError(f"{self.name}.run returned shape {tuple(x_adv.shape)} for inputs {tuple(x.shape)}")
@@ -191,12 +222,14 @@ class Attack(abc.ABC):
             moved = int(((x_adv - raw).reshape(x.shape[0], -1).abs().amax(1) > 1e-6).sum()) if x.numel() else 0
             with torch.no_grad():
                 adv_pred = model(x_adv).argmax(1)
-        fooled = adv_pred != y
+        # Targeted: predicted as the target (an example labelled as its target can never succeed).
+        fooled = adv_pred != y if target is None else (adv_pred == target) & (target != y)
         delta = x_adv - x
         res = AttackResult(x_adv=x_adv, success=fooled.clone(), adv_pred=adv_pred, l2=l2(delta), linf=linf(delta),
                            fooled=fooled, norm=self.norm, n_forward=counting.n_forward,
                            n_backward=counting.n_backward, seconds=seconds, n_nan=n_nan, n_hvp=counting.n_hvp,
-                           raw_ball_violation=ball, raw_box_violation=box, n_projected=moved, l1=l1(delta))
+                           raw_ball_violation=ball, raw_box_violation=box, n_projected=moved, l1=l1(delta),
+                           target=target)
         if self.family == AttackFamily.MINIMIZATION and eps is not None:
             res.success = res.success_at(float(eps))
         return res
