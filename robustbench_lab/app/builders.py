@@ -35,8 +35,10 @@ def build_attack(cfg: DictConfig, key: str = "attack") -> tuple[Attack, float | 
     assert isinstance(node, dict)
     eps = node.pop("eps", None)
     cfg_name = node.pop("name", None)
+    # Targeted mode is the contract's (``attack.targeted``/``attack.target``), not an option of the class; an
+    # untargeted method keeps its own ``target`` option (trust_region: best | worst).
     targeted = node.pop("targeted", False)
-    target = node.pop("target", "random")
+    target = node.pop("target", "random") if "targeted" in cfg else "random"
     if "_target_" not in node:
         raise ConfigError(f"{key}._target_", None, "the import path of an Attack class")
     try:

@@ -132,7 +132,7 @@ class Attack(abc.ABC):
     family: ClassVar[AttackFamily] = AttackFamily.FIXED_EPS
     supported_norms: ClassVar[tuple[Norm, ...]] = (Norm.LINF, Norm.L2)
     targetable: ClassVar[bool] = False       # True: ``run`` accepts ``target=`` (B,) and pushes towards it
-    target: TargetSpec | None = None         # set by ``set_target``; None: untargeted
+    target_spec: TargetSpec | None = None    # set by ``set_target``; None: untargeted
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -157,18 +157,18 @@ class Attack(abc.ABC):
 
     @property
     def targeted(self) -> bool:
-        return self.target is not None
+        return self.target_spec is not None
 
     def set_target(self, target: TargetSpec | None) -> "Attack":
         """Targeted mode towards ``target`` (``random``, ``least_likely`` or a class index; see
         ``core.targets``), or untargeted with None. Returns the attack itself."""
         if target is None:
-            self.target = None
+            self.target_spec = None
             return self
         if not self.targetable:
             raise ConfigError("attack.targeted", True, "false",
                               f"{self.name} is an untargeted method (its class sets targetable = False)")
-        self.target = check_target(target)
+        self.target_spec = check_target(target)
         return self
 
     @property
@@ -200,7 +200,7 @@ class Attack(abc.ABC):
             target = None
             if target_streams is not None:
                 with torch.no_grad():
-                    target = choose_targets(model(x), y, self.target, target_streams)  # type: ignore[arg-type]
+                    target = choose_targets(model(x), y, self.target_spec, target_streams)  # type: ignore[arg-type]
                 kwargs["target"] = target
             t0 = time.perf_counter()
             x_adv = self.run(counting, x, y, eps, generator, **kwargs).detach()
