@@ -178,9 +178,9 @@ class Attack(abc.ABC):
         return self.name
 
     def config(self) -> dict[str, Any]:
-        """Hyperparameters, for the results."""
+        """Hyperparameters, for the results (``target_spec`` only in targeted mode)."""
         return {k: (v.value if isinstance(v, Norm) else v) for k, v in vars(self).items()
-                if not k.startswith("_")}
+                if not k.startswith("_") and not (k == "target_spec" and v is None)}
 
     # -- the fixed template -----------------------------------------------------------------------------
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float | None = None,
