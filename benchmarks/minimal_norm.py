@@ -99,18 +99,22 @@ def main(argv=None):
     ap.add_argument("--out", default=str(ROOT / "docs" / "minimal_norm.md"))
     ap.add_argument("--resume", action="store_true", help="keep the rows already in <out>.rows.jsonl")
     ap.add_argument("--report-only", action="store_true", help="write the report from <out>.rows.jsonl")
+    ap.add_argument("--time-n", type=int, default=0, help="points for interleaved time ratios (0: skip)")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved repetitions per time ratio")
     a = ap.parse_args(argv)
     device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if a.device == "auto" else a.device))
     out = Path(a.out)
     store = out.with_suffix(".rows.jsonl")
+    timing_store = out.with_suffix(".timing.jsonl")
     done = {}
     if (a.resume or a.report_only) and store.exists():
         for line in store.read_text().splitlines():
             r = json.loads(line)
             done[(r["model"], r["name"])] = r
-    elif store.exists():
-        store.unlink()
+    else:
+        store.unlink(missing_ok=True)
+        timing_store.unlink(missing_ok=True)
     n_at = dict((int(k), int(v)) for k, v in (p.split("=") for p in a.n_at.split(",") if p))
     only = set(filter(None, a.only.split(",")))
     libs = set(filter(None, a.libraries.split(",")))
@@ -136,14 +140,47 @@ def main(argv=None):
                     done[(model_name, row.name)] = r
                     with store.open("a") as f:
                         f.write(json.dumps(r) + "\n")
-                    fin = np.isfinite(r["dist"])
+                    fin = np.isfinite(np.asarray(r["dist"], dtype=float))
                     print(f"{model_name} {row.name}: success {fin.mean():.3f}, median "
                           f"{np.median(np.asarray(r['dist'])[fin]) if fin.any() else float('nan'):.4f}, "
                           f"{r['seconds']:.1f} s ({time.perf_counter() - t0:.1f} s with verification), load "
                           f"{r['load_avg']:.1f}", flush=True)
+                if a.time_n:
+                    for t in interleaved(rows, model, x[:a.time_n], y[:a.time_n], a.repeats, only, libs):
+                        with timing_store.open("a") as f:
+                            f.write(json.dumps({"model": model_name, **t}) + "\n")
+    timing = [json.loads(line) for line in timing_store.read_text().splitlines()] if timing_store.exists() else []
     meta = {"machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, device {device}",
             "versions": versions(), "missing": sorted(missing), "models": models_info}
-    write(list(done.values()), out, meta)
+    write(list(done.values()), out, meta, timing)
+
+
+def interleaved(rows: list[Row], model, x, y, repeats: int, only: set, libs: set) -> list[dict]:
+    """Time ratios ours / peer for every method with a peer, from interleaved repetitions (ours, peer 1,
+    peer 2, ours, ...) on the same points: the median over repetitions of the per-repetition ratio, so a load
+    that changes slowly cancels out."""
+    out = []
+    groups: dict[tuple[str, str], list[Row]] = {}
+    for row in rows:
+        if (only and row.method not in only) or (libs and row.library not in libs and row.library != "robustbench_lab"):
+            continue
+        groups.setdefault((row.method, row.norm), []).append(row)
+    for (method, norm), group in groups.items():
+        mine = [r for r in group if r.library == "robustbench_lab"]
+        peers = [r for r in group if r.library != "robustbench_lab" and (r.max_n or x.shape[0]) >= x.shape[0]]
+        if not mine or not peers:
+            continue
+        times: dict[str, list[float]] = {r.library: [] for r in [mine[0], *peers]}
+        for _ in range(repeats):
+            for r in [mine[0], *peers]:
+                times[r.library].append(run_row(r, model, x, y)["seconds"])
+        for p in peers:
+            ratios = [a / b for a, b in zip(times["robustbench_lab"], times[p.library])]
+            out.append({"method": method, "norm": norm, "budget": mine[0].budget, "peer": p.library, "n": x.shape[0],
+                        "median": float(np.median(ratios)), "all": ratios})
+            print(f"time {method}-{norm} @{mine[0].budget} ours / {p.library}: {np.median(ratios):.3f} "
+                  f"({', '.join(f'{v:.3f}' for v in ratios)})", flush=True)
+    return out
 
 
 def versions() -> dict[str, str]:
