@@ -52,8 +52,8 @@ def checkpoints(n_iter: int) -> list[int]:
 
 
 def l1_review_every(n_iter: int) -> int:
-    """Iterations between two reviews of L1-APGD's step and sparsity: 4% of ``n_iter``, at least 1 (in
-    integers: the authors' int(0.04 * n_iter) loses an iteration where the float product rounds down)."""
+    """Iterations between two reviews of L1-APGD's step and sparsity: 4% of ``n_iter`` rounded down, at
+    least 1 (the authors' max(int(0.04 * n_iter), 1), kept in integers)."""
     return max(L1_EVERY * n_iter // 100, 1)
 
 
