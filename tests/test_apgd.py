@@ -1,5 +1,6 @@
 """APGD and APGD-T (attacks/apgd.py) against the authors' code (``pyautoattack.autopgd_base``, what
-``attack=autoattack`` runs), on the fixture model and real Fashion-MNIST points.
+``attack=autoattack`` runs), on the fixture model and real Fashion-MNIST points; their targeted mode. L1
+(L1-APGD) is in test_apgd_l1.py.
 
 Three levels of agreement: the step-size checkpoints and the DLR losses equal the authors' values; from the
 same starting point, the iterates follow the authors' trajectory; from our own random starts, the robust
@@ -19,7 +20,7 @@ from attacks.pgd import PGD
 from robustbench_lab.app.builders import build_attack
 from robustbench_lab.core.errors import ConfigError
 from robustbench_lab.core.evaluator import attack_points
-from robustbench_lab.core.norms import l2, linf
+from robustbench_lab.core.norms import Norm, l2, linf, norm_of
 
 from conftest import compose
 
@@ -195,19 +196,23 @@ def test_apgd_t_agrees_with_the_authors(trained_small_cnn, pts):
 
 
 # -- randomness, configs ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("which,norm", [("apgd", "linf"), ("apgd_t", "linf"), ("apgd_t", "l2")])
-def test_each_example_gets_the_same_result_whatever_the_batch(trained_small_cnn, pts, which, norm):
+@pytest.mark.parametrize("which,norm,eps,targeted", [
+    ("apgd", "linf", 0.04, False), ("apgd_t", "linf", 0.04, False), ("apgd_t", "l2", 0.8, False),
+    ("apgd", "l1", 4.0, False), ("apgd_t", "l1", 4.0, False), ("apgd", "linf", 0.15, True)])
+def test_each_example_gets_the_same_result_whatever_the_batch(trained_small_cnn, pts, which, norm, eps, targeted):
     """Batch size 7 and 200, and a subset of the points with a generator of the same seed already drawn from:
-    the same per-example results; another seed changes them.
+    the same per-example results, in targeted mode too; another seed changes them. Every
+    returned point lies in the ball and the box.
 
-    L-inf results are identical to the bit. L2 results are identical in success and prediction and equal to
-    float rounding (measured with these settings on a model trained like the fixture: below 2e-7): the CPU convolution itself returns bitwise-different logits
-    for a batch of fewer than 4 rows than for the same rows in a larger batch, and APGD runs its later
-    iterations, restarts and targets on the points still robust, which can be that few; a sign step
-    (L-inf) does not see a last-bit difference, a normalized gradient step (L2) does."""
+    L-inf results are identical to the bit. L2 and L1 results are identical in success and prediction and
+    equal to float rounding (measured with these settings: L2 below 2e-7, L1 identical to the bit): the CPU
+    convolution itself returns bitwise-different logits for a batch of fewer than 4 rows than for the same
+    rows in a larger batch, and APGD runs its later iterations, restarts and targets on the points still
+    robust, which can be that few; a sign step (L-inf) does not see a last-bit difference, a normalized
+    gradient step (L2) or a choice of the top coordinates and the projection onto the L1 ball (L1) can."""
     atk = (APGD(norm=norm, n_iter=20, n_restarts=2) if which == "apgd"
            else APGDT(norm=norm, n_iter=10, n_target_classes=3))
-    eps = 0.04 if norm == "linf" else 0.8
+    atk.set_target("random" if targeted else None)
     xt, yt = pts
     x, y = xt[:60], yt[:60]
     ids = torch.arange(2000, 2060)
@@ -222,6 +227,8 @@ def test_each_example_gets_the_same_result_whatever_the_batch(trained_small_cnn,
     small = attack_points(trained_small_cnn, atk, x, y, eps, gen(5), 7, ids=ids)
     large = attack_points(trained_small_cnn, atk, x, y, eps, gen(5), 200, ids=ids)
     assert 0 < int(small.success.sum()) < int(small.attacked.sum())
+    assert (norm_of(small.x_adv - x, Norm(norm)) <= eps * (1 + 1e-6)).all()
+    assert small.x_adv.min() >= 0 and small.x_adv.max() <= 1
     assert same(small, large)
     g = gen(5)
     torch.rand(100, generator=g)
@@ -232,7 +239,67 @@ def test_each_example_gets_the_same_result_whatever_the_batch(trained_small_cnn,
     assert (other.x_adv - small.x_adv).abs().max() > 1e-3   # the seed does change the starts
 
 
+# -- targeted mode ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("attack,norm,eps,loss", [("apgd", "linf", 0.2, "ce"), ("apgd", "l2", 3.0, "dlr"),
+                                                  ("apgd", "l1", 25.0, "ce"), ("apgd_t", "l1", 25.0, None)])
+def test_targeted_mode_reaches_the_target(trained_small_cnn, pts, attack, norm, eps, loss):
+    """``attack.targeted=true attack.target=random``, 20 iterations, the first 64 test points (55 classified
+    correctly): success is exactly "predicted as the target" on the returned images (predictions recomputed
+    here), every point stays in the ball and the box, and the targeted loss does the work: the same attack
+    untargeted, at the same budget, lands on those targets far less often.
+
+    Measured share of the correct points predicted as their target, targeted / untargeted, in the order of
+    the parameters: 0.65 / 0.11, 0.51 / 0.07, 0.55 / 0.07, 0.44 / 0.07 (a random target is much harder to reach
+    than any wrong class: untargeted, all four break 98-100% of the points). Required: at least 0.35, and
+    three times the untargeted share. APGD-T with a given target runs once per point, not once per runner-up
+    class: at most 20 backward passes per point (measured: 896 for the 64 points)."""
+    m = trained_small_cnn
+    xt, yt = pts
+    x, y = xt[:64], yt[:64]
+    base = [f"attack={attack}", f"attack.norm={norm}", f"attack.eps={eps}", "attack.n_iter=20"]
+    base += [f"attack.loss={loss}"] if loss else []
+    atk, _ = build_attack(compose(base + ["attack.targeted=true", "attack.target=random"]).attack)
+    assert atk.targeted and atk.config()["target_spec"] == "random"
+    res = atk(m, x, y, eps=eps, generator=gen())
+    untargeted, _ = build_attack(compose(base).attack)
+    res_u = untargeted(m, x, y, eps=eps, generator=gen())
+    assert res.target is not None and res_u.target is None
+    with torch.no_grad():
+        pred, pred_u, clean = m(res.x_adv).argmax(1), m(res_u.x_adv).argmax(1), m(x).argmax(1)
+    assert torch.equal(res.success, (pred == res.target) & (res.target != y))
+    assert bool((res.target != y).all())                        # a random target is never the label
+    assert (norm_of(res.x_adv - x, Norm(norm)) <= eps * (1 + 1e-6)).all()
+    assert res.x_adv.min() >= 0 and res.x_adv.max() <= 1
+    ok = clean == y
+    hit, hit_u = (pred == res.target)[ok].float().mean(), (pred_u == res.target)[ok].float().mean()
+    assert hit >= 0.35 and hit >= 3 * hit_u, (float(hit), float(hit_u))
+    if attack == "apgd_t":   # one run per point: looping over 9 runner-up classes would cost up to 9 x 20
+        assert res.n_backward <= 20 * x.shape[0]
+    assert torch.equal(res_u.success, pred_u != y)               # untargeted success is unchanged
+
+
+def test_targeted_to_a_class_leaves_its_own_points_alone(trained_small_cnn, pts):
+    """``attack.target=<class>``: points labelled as that class cannot be pushed to it; they come back
+    unchanged and never count as a success. The others that succeed are predicted as the class."""
+    m = trained_small_cnn
+    xt, yt = pts
+    x, y = xt[:64], yt[:64]
+    atk, _ = build_attack(compose(["attack=apgd_t", "attack.eps=0.2", "attack.n_iter=10", "attack.targeted=true",
+                                   "attack.target=3"]).attack)
+    res = atk(m, x, y, eps=0.2, generator=gen())
+    own = y == 3
+    assert int(own.sum()) > 0 and torch.equal(res.target, torch.full_like(y, 3))
+    assert torch.equal(res.x_adv[own], x[own]) and not res.success[own].any()
+    with torch.no_grad():
+        pred = m(res.x_adv).argmax(1)
+    assert res.success.sum() > 10 and (pred[res.success] == 3).all()
+
+
 def test_configs_hold_the_authors_defaults():
+    for name in ("apgd", "apgd_t"):   # untargeted unless asked
+        cfg = compose([f"attack={name}"]).attack
+        assert (cfg.targeted, cfg.target) == (False, "random")
+        assert not build_attack(cfg)[0].targeted
     atk, eps = build_attack(compose(["attack=apgd"]).attack)
     assert type(atk) is APGD and (atk.n_iter, atk.n_restarts, atk.loss, atk.rho, eps) == (100, 1, "ce", 0.75, 0.1)
     atk, eps = build_attack(compose(["attack=apgd_t", "attack.norm=l2", "attack.eps=1.5"]).attack)
@@ -246,12 +313,17 @@ def test_configs_hold_the_authors_defaults():
     ("apgd", "attack.loss=hinge", "attack.loss"),
     ("apgd", "attack.rho=1.5", "attack.rho"),
     ("apgd", "attack.norm=l3", "attack.norm"),
+    ("apgd_t", "attack.norm=l0", "attack.norm"),
+    ("apgd", "attack.target=banana", "attack.target"),
     ("apgd_t", "attack.n_target_classes=0", "attack.n_target_classes"),
     ("apgd_t", "attack.eps=-0.1", "attack.eps"),
 ])
 def test_bad_values_name_the_key(attack, override, key):
     with pytest.raises(ConfigError) as err:
-        build_attack(compose([f"attack={attack}", override]).attack)
+        build_attack(compose([f"attack={attack}", override] + ["attack.targeted=true"] * (key == "attack.target")).attack)
     assert err.value.key == key
     value = override.split("=", 1)[1]
     assert value in str(err.value) and "allowed" in str(err.value)
+    allowed = {"attack.norm": ["'linf'", "'l2'", "'l1'"], "attack.loss": ["'ce'", "'dlr'"],
+               "attack.target": ["random", "least_likely", "class index"]}
+    assert all(a in str(err.value) for a in allowed.get(key, [])), str(err.value)
