@@ -94,7 +94,16 @@ def project(x_adv: torch.Tensor, x: torch.Tensor, eps: torch.Tensor | float, nor
         d = (project_l1_box if norm is Norm.L1 else project_l2_box)(delta, eps_t, lower - x, upper - x)
         # a feasible point comes back bit for bit (x + (x_adv - x) can differ from x_adv in the last bit)
         inside = (norm_of(delta, norm) <= eps_t) & flat((x_adv >= lower) & (x_adv <= upper)).all(1)
-        return torch.where(_bcast(inside, x), x_adv, (x + d).clamp(lower, upper))
+        out = (x + d).clamp(lower, upper)
+        # x + d rounds in the working dtype, so its norm can land a few ulps above eps (an L1 norm sums
+        # hundreds of terms): shrink those rows' perturbations by the excess. A shrunk perturbation stays in
+        # the box, since x is in it.
+        n = norm_of(out - x, norm)
+        over = n > eps_t
+        if bool(over.any()):
+            f = torch.where(over, eps_t / n.clamp_min(1e-30) * (1 - 16 * torch.finfo(x.dtype).eps), torch.ones_like(n))
+            out = torch.where(_bcast(over, x), (x + (out - x) * _bcast(f, x)).clamp(lower, upper), out)
+        return torch.where(_bcast(inside, x), x_adv, out)
     return (x + project_ball(delta, eps_t, norm)).clamp(lower, upper)
 
 
