@@ -22,7 +22,7 @@ from torch import nn
 
 from robustbench_lab.core.attack_base import Attack, AttackFamily
 from robustbench_lab.core.errors import check_choice, check_number
-from robustbench_lab.core.norms import Norm, flat, l1, l2, normalize_grad, project
+from robustbench_lab.core.norms import Norm, flat, l2, normalize_grad, project
 from robustbench_lab.core.rng import ExampleRandom, as_streams
 
 MOMENTUM = 0.75        # alpha: weight of the new projected step against the previous displacement
@@ -207,21 +207,8 @@ class APGD(Attack):
         return (x + eps * t / _bc(scale + 1e-12, t)).clamp(0, 1)
 
     def _project(self, z: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
-        """``z`` projected onto the eps ball around ``x`` intersected with the box. For L1 the float32 sum
-        x + d of the exact projection can leave the ball by a few ulps per moved pixel (measured: up to 4e-6
-        at eps 20), which the template would report as a bug: such rows are pulled towards x until their
-        L1 distance is at most eps, both as the template computes it (float32) and exactly."""
-        p = project(z, x, eps, self.norm)
-        if self.norm is not Norm.L1:
-            return p
-        for _ in range(4):
-            n = torch.maximum(l1(p - x).double(), flat(p.double() - x.double()).abs().sum(1))
-            over = n > eps
-            if not bool(over.any()):
-                break
-            shrink = torch.where(over, eps / n.clamp_min(1e-30) * (1 - 1e-6), torch.ones_like(n)).to(p.dtype)
-            p = torch.where(_bc(over, p), x + (p - x) * _bc(shrink, p), p)
-        return p
+        """``z`` projected onto the eps ball around ``x`` intersected with the box (exact for L1)."""
+        return project(z, x, eps, self.norm)
 
     def _evaluate(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None,
                   need_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

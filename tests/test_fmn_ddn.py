@@ -290,5 +290,6 @@ def test_projection_lands_inside_the_ball_in_float32(norm, eps):
     x = torch.rand(500, 1, 28, 28, generator=g)
     xa = (x + torch.randn(500, 1, 28, 28, generator=g)).clamp(0, 1)
     p = project(xa, x, eps, norm, exact=True)
-    assert (norm_of(p - x, norm) <= eps).all()
+    assert (norm_of(p - x, norm) <= eps).all()                              # as the template computes it
+    assert (norm_of(p.double() - x.double(), norm) <= eps).all()            # and exactly
     assert ((p >= 0) & (p <= 1)).all()

@@ -96,12 +96,15 @@ def project(x_adv: torch.Tensor, x: torch.Tensor, eps: torch.Tensor | float, nor
         inside = (norm_of(delta, norm) <= eps_t) & flat((x_adv >= lower) & (x_adv <= upper)).all(1)
         out = (x + d).clamp(lower, upper)
         # x + d rounds in the working dtype, so its norm can land a few ulps above eps (an L1 norm sums
-        # hundreds of terms): shrink those rows' perturbations by the excess. A shrunk perturbation stays in
-        # the box, since x is in it.
-        n = norm_of(out - x, norm)
-        over = n > eps_t
-        if bool(over.any()):
-            f = torch.where(over, eps_t / n.clamp_min(1e-30) * (1 - 16 * torch.finfo(x.dtype).eps), torch.ones_like(n))
+        # hundreds of terms): shrink those rows' perturbations by the excess, until the norm is at most eps
+        # both as computed in the working dtype and exactly (float64). A shrunk perturbation stays in the box.
+        for _ in range(4):
+            n = torch.maximum(norm_of(out - x, norm).double(), norm_of(out.double() - x.double(), norm))
+            over = n > eps_t.double()
+            if not bool(over.any()):
+                break
+            f = torch.where(over, eps_t.double() / n.clamp_min(1e-30) * (1 - 16 * torch.finfo(x.dtype).eps),
+                            torch.ones_like(n)).to(x.dtype)
             out = torch.where(_bcast(over, x), (x + (out - x) * _bcast(f, x)).clamp(lower, upper), out)
         return torch.where(_bcast(inside, x), x_adv, out)
     return (x + project_ball(delta, eps_t, norm)).clamp(lower, upper)
