@@ -90,8 +90,14 @@ class TrustRegion(Attack):
     iterate to it (``core.boundary.bisect_boundary``) and the adversarial end of the final bracket is
     returned, or the crossing iterate itself where that is nearer to x (a segment may turn away from x).
 
-    Iterations: 100 by default (the default of the authors' function; their scripts use 2000-5000 with the
-    smaller radii). Examples leave the loop as soon as they are misclassified.
+    Iterations: 1000 by default, an upper bound per example (examples leave the loop once misclassified;
+    the authors' function defaults to 100, their scripts run 2000-5000). Why not 100: on the default
+    ResNet-20, 21 of the 915 clean-correct points among the 1000 evaluation points stayed unbroken after
+    100 L2 iterations. Their margin toward the target bends away: after 30 iterations the ratio's median
+    is 0.63 for steps of 1e-3, 0.49 for 3e-3 and 0.18 for 1e-2, so the rule rightly keeps the radius near
+    its lower bound (there on 56% of their steps), and reaching their minimal adversarials (L2 0.22-0.78
+    against a median of 0.21) took 117-922 iterations. A larger radius_min would only override what the
+    ratio measured; the budget is what was short. L-inf broke every point within 100 iterations.
 
     Cost: one clean forward pass serves the check, the target selection (c backward passes) and the first
     first-order step, whose gradient is the chosen target's from the selection. Each iteration then costs
@@ -113,7 +119,7 @@ class TrustRegion(Attack):
     family = AttackFamily.MINIMIZATION
     OBJECTIVES: ClassVar[dict[int, str]] = {1: "logit margin z_t - z_y", 2: "softmax margin p_y - p_t"}
 
-    def __init__(self, *, norm: str = "linf", order: int = 1, iterations: int = 100, adaptive: bool = True,
+    def __init__(self, *, norm: str = "linf", order: int = 1, iterations: int = 1000, adaptive: bool = True,
                  radius: float | None = None, radius_min: float | None = None, radius_max: float | None = None,
                  n_classes: int = 9, target: str = "best", overshoot: float = 0.02, ratio: str = "model",
                  cg_steps: int = 5, bisection_steps: int = 10) -> None:
