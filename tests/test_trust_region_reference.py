@@ -97,8 +97,7 @@ def reference_first_order(model, x0, y: int, atk: TrustRegion):
     Step: f = z_t - z_y, g = grad f, r = -f / ||g||_q, s = min(r, radius), x <- clip(x + (1 + overshoot)
     (s + 1e-4) dir) with dir = g / ||g||_2 (L2) or sign(g) (L-inf). Ratio: 'model' = actual / linearly
     predicted change of f for the step taken; 'official' = (z_y(x) - z_y(x_new)) / s. The radius becomes s,
-    then the rule. Stops once the new point is misclassified (fixed radius: at the next step's check,
-    which leaves the point where it is).
+    then the rule (with a fixed radius: unchanged). Stops once the new point is misclassified.
     """
     q = atk.norm.dual
     t = reference_target(model, x0, y, q, atk.n_classes)
@@ -106,9 +105,6 @@ def reference_first_order(model, x0, y: int, atk: TrustRegion):
     for _ in range(atk.iterations):
         xg = x[None].clone().requires_grad_(True)
         z = model(xg)[0]
-        if int(z.argmax()) != y:                       # only reached with a fixed radius
-            steps.append((x, radius))
-            break
         f = z[t] - z[y]
         (g,) = torch.autograd.grad(f, xg)
         g, f, zy = g[0], float(f.detach()), float(z[y].detach())
@@ -116,47 +112,81 @@ def reference_first_order(model, x0, y: int, atk: TrustRegion):
         direction = g / max(float(g.norm()), 1e-12) if atk.norm.value == "l2" else g.sign()
         s = min(r, radius)
         x_new = (x + (1 + atk.overshoot) * (s + MIN_STEP) * direction).clamp(0, 1)
-        if not atk.adaptive:
-            events.append("capped" if r > radius else "free")
-            steps.append((x_new, radius))
-            x = x_new
-            continue
         with torch.no_grad():
             zn = model(x_new[None])[0]
-        if atk.ratio == "official":
-            rho = (zy - float(zn[y])) / max(s, 1e-12)
+        if not atk.adaptive:
+            events.append("capped" if r > radius else "free")
         else:
-            rho = (float(zn[t] - zn[y]) - f) / max(float((g * (x_new - x)).sum()), 1e-12)
-        radius, what = radius_rule(s, rho, atk.radius_min, atk.radius_max)
-        events.append(what)
+            if atk.ratio == "official":
+                rho = (zy - float(zn[y])) / max(s, 1e-12)
+            else:
+                rho = (float(zn[t] - zn[y]) - f) / max(float((g * (x_new - x)).sum()), 1e-12)
+            radius, what = radius_rule(s, rho, atk.radius_min, atk.radius_max)
+            events.append(what)
         steps.append((x_new, radius))
-        x = x_new
         if int(zn.argmax()) != y:
             break
+        x = x_new
     return t, steps, events
+
+
+def reference_boundary(model, lo, hi, y: int, steps: int, p: float, x0):
+    """The returned point after a crossing, as the docstring of ``TrustRegion`` defines it: on the segment
+    from ``lo`` (still y) to ``hi`` (not y), probes at fractions a (the first where the margin
+    m = max_{j != y} z_j - z_y, linear between the ends, is 0; then the middle of the bracket); a probe is
+    adversarial when m > 1e-5 max(1, max |z|) and then becomes the bracket's end; the adversarial end is
+    returned, or ``hi`` if that is nearer to ``x0`` in the p-norm."""
+    def margin(v):
+        with torch.no_grad():
+            z = model(v[None])[0]
+        others = torch.cat([z[:y], z[y + 1:]])
+        return float(others.max() - z[y]), float(z.abs().max())
+    m_lo, m_hi = margin(lo)[0], margin(hi)[0]
+    a_lo, a_hi, best = 0.0, 1.0, hi
+    for k in range(steps):
+        a = min(max(m_lo / (m_lo - m_hi), 1e-3), 1 - 1e-3) if k == 0 else (a_lo + a_hi) / 2
+        probe = torch.minimum(torch.maximum(lo + a * (hi - lo), torch.minimum(lo, hi)), torch.maximum(lo, hi))
+        m, scale = margin(probe)
+        if m > 1e-5 * max(1.0, scale):
+            a_hi, best = a, probe
+        else:
+            a_lo = a
+    near = float((best - x0).flatten().norm(p=p)) <= float((hi - x0).flatten().norm(p=p))
+    return best if near else hi
 
 
 def compare_first_order(atk: TrustRegion, model, x, y) -> Counter:
     """Attack each example alone (so its forward passes are those of the reference, bit for bit) and
-    compare target, every iterate and every radius with the reference. Returns the rule events seen.
+    compare target, every iterate, every radius and the returned point with the reference. Returns the
+    rule events seen (and 'bisected' where the returned point is not the crossing iterate).
 
     Run in float64: near the boundary f = z_t - z_y nearly cancels, and float32 rounding in the step
     length would then move the last radii by up to 1e-4 relative, too close to what a wrong rule moves.
     """
     events: Counter = Counter()
+    names = ("_select_targets", "_step_first", "_update_radius")
     for i in range(len(y)):
-        log = record(atk, "_step_first")
+        targets, log, radii = (record(atk, name) for name in names)
         res = atk(model, x[i:i + 1], y[i:i + 1])
-        del atk._step_first                                              # back to the class's method
+        for name in names:
+            delattr(atk, name)                                           # back to the class's methods
         t, steps, ev = reference_first_order(model, x[i], int(y[i]), atk)
         events.update(part for e in ev for part in e.split("+"))
-        assert all(int(e["args"][3][0]) == t for e in log), f"example {i}: target"
+        assert int(targets[0]["out"][0][0]) == t, f"example {i}: target"
         assert len(log) == len(steps), f"example {i}: {len(log)} steps, the reference takes {len(steps)}"
+        assert len(radii) == (len(steps) if atk.adaptive else 0)
         for k, (e, (x_ref, r_ref)) in enumerate(zip(log, steps)):
-            x_new, r_new = e["out"][0][0], float(e["out"][1][0])
-            torch.testing.assert_close(x_new, x_ref, rtol=0, atol=1e-12, msg=f"example {i}, step {k}: iterate")
-            assert r_new == pytest.approx(r_ref, rel=1e-9), f"example {i}, step {k}: radius {r_new} != {r_ref}"
-        torch.testing.assert_close(res.x_adv[0], steps[-1][0], rtol=0, atol=1e-12)
+            torch.testing.assert_close(e["out"][0][0], x_ref, rtol=0, atol=1e-12,
+                                       msg=f"example {i}, step {k}: iterate")
+            if atk.adaptive:
+                r_new = float(radii[k]["out"][0])
+                assert r_new == pytest.approx(r_ref, rel=1e-9), f"example {i}, step {k}: radius {r_new} != {r_ref}"
+        x_end = steps[-1][0]
+        if res.fooled[0] and atk.bisection_steps:
+            lo = steps[-2][0] if len(steps) > 1 else x[i]
+            x_end = reference_boundary(model, lo, x_end, int(y[i]), atk.bisection_steps, atk.norm.p, x[i])
+            events["bisected"] += not torch.equal(x_end, steps[-1][0])
+        torch.testing.assert_close(res.x_adv[0], x_end, rtol=0, atol=1e-12)
     return events
 
 
@@ -170,17 +200,20 @@ def test_first_order_radius_rule_matches_the_reference(norm, ratio):
                                    "attack.iterations=40"]).attack)
     model, x, y = tanh_net(seed=2, d=16, h=12, k=4, scale=10.0, n=48, dtype=torch.float64)
     events = compare_first_order(atk, model, x, y)
-    for what in ("grow", "keep", "shrink", "max", "min"):
+    for what in ("grow", "keep", "shrink", "max", "min", "bisected"):
         assert events[what] > 0, f"the data never make the rule {what}: {dict(events)}"
 
 
 def test_first_order_fixed_radius_matches_the_reference():
     """``adaptive=False``: the radius stays at its initial value; it caps some steps, and others (the
-    linear prediction nearer than the radius) are taken whole and followed by further steps."""
-    atk = TrustRegion(norm="l2", adaptive=False, radius=0.05, iterations=40)
+    linear prediction nearer than the radius) are taken whole and followed by further steps. Without the
+    bisection the crossing iterate itself is returned."""
     model, x, y = tanh_net(seed=2, d=16, h=12, k=4, scale=10.0, n=12, dtype=torch.float64)
-    events = compare_first_order(atk, model, x, y)
-    assert events["capped"] > 0 and events["free"] > 0, dict(events)
+    for bisection in (10, 0):
+        atk = TrustRegion(norm="l2", adaptive=False, radius=0.05, iterations=40, bisection_steps=bisection)
+        events = compare_first_order(atk, model, x, y)
+        assert events["capped"] > 0 and events["free"] > 0, dict(events)
+        assert (events["bisected"] > 0) == (bisection > 0), dict(events)
 
 
 # --------------------------------------------------------------------------------------- second order
@@ -249,15 +282,15 @@ def test_second_order_step_is_steihaug_on_the_explicit_hessian():
     hows: Counter = Counter()
     for radius in (0.05, 0.3):
         atk = TrustRegion(norm="l2", order=2, radius=radius, radius_min=1e-3, radius_max=0.5, iterations=10)
-        calls: list[dict] = []
-        record(atk, "_step_second", calls.append)
-        record(atk, "_steihaug", lambda e: calls.append({"cg": e}))
+        steps, cgs, rules = (record(atk, name) for name in ("_step_second", "_steihaug", "_update_radius"))
         atk(model, x, y)
-        # _steihaug is called inside _step_second, so its entry comes first: pair them up
-        pairs = [(calls[i]["cg"], calls[i + 1]) for i in range(0, len(calls), 2)]
-        for cg, step in pairs:
-            _, xs, ys, ts, radii = step["args"]
-            x_new, r_new, _ = step["out"]
+        assert len(steps) == len(cgs) == len(rules) > 1
+        for cg, step, rule in zip(cgs, steps, rules):
+            # the step's points are the attacked rows of the pass whose graph it differentiates
+            _, xg, _, rows, ys, ts, radii = step["args"]
+            xs = xg.detach()[rows]
+            x_new = step["out"][0]
+            r_new = rule["out"]
             _, g_att, phi_att, radius_att, active = cg["args"]
             torch.testing.assert_close(radius_att, radii.double(), rtol=0, atol=0)
             for j in range(len(ys)):
