@@ -62,7 +62,8 @@ def tuning_key(model: nn.Module, x_val: torch.Tensor, y_val: torch.Tensor, setti
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
     data = hashlib.sha256(x_val.detach().cpu().contiguous().numpy().tobytes())
     data.update(y_val.detach().cpu().contiguous().numpy().tobytes())
-    return content_key({"kind": "jumprelu_tuning", "version": 1, "model": h.hexdigest(), "val": data.hexdigest(),
+    # version 2: the table gained interval columns; a version-1 tuning is measured again, not adopted
+    return content_key({"kind": "jumprelu_tuning", "version": 2, "model": h.hexdigest(), "val": data.hexdigest(),
                         "n_val": int(x_val.shape[0]), "device": x_val.device.type, **settings})
 
 
