@@ -60,7 +60,8 @@ def plot_tradeoff(path, table: pd.DataFrame, max_drop: float) -> None:
         axes[-1, 0].set_xlabel("Jump k (pre-activation units)")
         ax.set_ylabel("Accuracy")
         ax.set_ylim(-0.02, 1.02)
-        ax.set_title("JumpReLU: accuracy against the jump k" + (" (bands: 95% Wilson intervals)" if banded else ""))
+        ax.set_title(plotstyle.wrap("JumpReLU: accuracy against the jump k"
+                                    + (" (bands: 95% Wilson intervals)" if banded else ""), 6.4, 10))
         plotstyle.legend(ax)
         if norm_cols:
             ax2 = axes[1, 0]
@@ -71,8 +72,8 @@ def plot_tradeoff(path, table: pd.DataFrame, max_drop: float) -> None:
             ax2.set_ylabel("Median minimal perturbation")
             ax2.set_yscale("log")
             ax2.set_title(plotstyle.wrap("Median minimal norm against k (larger = apparently more robust; not "
-                                         "drawn where fewer than half were fooled; bands: 95% order-statistic intervals, "
-                                         "open where unbounded)", 6.4, 10))
+                                         "drawn where fewer than half were fooled; bands: 95% order-statistic "
+                                         "intervals, open where unbounded)", 6.4, 10))
             plotstyle.legend(ax2)
         plotstyle.save(fig, path)
 
