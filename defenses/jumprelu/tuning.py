@@ -24,9 +24,9 @@ from robustbench_lab.core.errors import ConfigError, check_number
 log = logging.getLogger(__name__)
 
 # Default jump grid for the default data (Fashion-MNIST, BatchNorm ResNets): pre-activations after BatchNorm
-# have roughly unit scale, and measured on the cached ResNet-20 the clean validation accuracy stays within
-# 1 point of k = 0 up to k = 0.2, is 0.74 at k = 0.3 and near chance (0.11) at k = 1 (docs/jumprelu.md).
-# A model without BatchNorm needs its own grid: describe() records its pre-activation quantiles.
+# have roughly unit scale; on ResNet-20 the clean validation accuracy stays within 1 point of k = 0 up to
+# k = 0.1-0.2 (two trainings of the default recipe) and is near chance (0.11) at k = 1 (docs/jumprelu.md).
+# Another model needs its own grid: describe() records its pre-activation quantiles.
 DEFAULT_GRID = tuple(round(0.05 * i, 2) for i in range(21))   # 0, 0.05, ..., 1.0
 
 
