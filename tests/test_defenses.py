@@ -21,10 +21,13 @@ from attacks.pgd import PGD
 from defenses.adv_training import AdversarialTraining
 from defenses.jumprelu.activation import JumpReLU
 from defenses.jumprelu.defense import JumpReLUDefense
+from defenses.jumprelu.intervals import median_coverage, median_interval, median_rank, wilson_interval
 from defenses.jumprelu.retrofit import keep_undefended, retrofit
+from defenses.jumprelu.plot import plot_tradeoff
 from defenses.jumprelu.tuning import choose_jump
 from robustbench_lab.app.builders import build_attack, build_defense, checkpoint_spec
 from robustbench_lab.app.execute import run_task
+from robustbench_lab.core import plotstyle
 from robustbench_lab.core.cache import content_key
 from robustbench_lab.core.errors import ConfigError
 from robustbench_lab.core.model import Classifier
@@ -209,6 +212,11 @@ def test_auto_jump_picks_the_largest_admissible_k_on_a_model_with_known_accuracy
     assert desc["jump"] == 0.04 and desc["val_accuracy_k0"] == 1.0 and len(desc["tradeoff"]) == 6
     assert (tmp_path / ".staging" / "jumprelu_tradeoff.csv").is_file()
     assert (tmp_path / ".staging" / "jumprelu_tradeoff.png").stat().st_size > 1000
+    # the ReLU's input is v itself: 100 positive values (i + 0.5) / 100, whose quantiles are known
+    (pre,) = desc["preactivation_quantiles"]
+    assert pre["module"] == "net.2" and pre["n"] == 150 and pre["positive_share"] == pytest.approx(100 / 150)
+    assert pre["q0.5"] == pytest.approx(0.5)
+    assert pre["q0.1"] == pytest.approx(0.005 + 0.01 * 0.1 * 99)      # linear interpolation at rank 9.9
     # "largest admissible", not "last before the first inadmissible one"
     assert choose_jump([0, 0.1, 0.2, 0.3], [0.9, 0.85, 0.895, 0.8], 0.9, 0.01) == 0.2
 
@@ -330,10 +338,11 @@ def test_jumprelu_run_writes_the_tradeoff_and_evaluates_adaptive_attacks(tmp_roo
     assert math.isfinite(m["robust_accuracy"]) and m["robust_accuracy"] <= m["clean_accuracy"]
 
 
-def test_tradeoff_attacks_graybox_and_bpda_equal_whitebox_at_k0(trained_small_cnn, fmnist_small):
+def test_tradeoff_attacks_graybox_and_bpda_equal_whitebox_at_k0(trained_small_cnn, fmnist_small, tmp_path):
     """At k = 0 the retrofit is the original model: a transfer from it and BPDA through the ReLU surrogate
     are the white-box attack itself (same generator), so all three robust accuracies agree; at a large k
-    the white-box attack on the jump model loses its gradients and the adaptive ones must not do worse."""
+    the white-box attack on the jump model loses its gradients and the adaptive ones must not do worse.
+    Every measure carries its interval, which holds the point estimate, and its count of points."""
     from attacks.adaptive import BPDA, Transfer
     from attacks.deepfool import DeepFool
 
@@ -357,6 +366,61 @@ def test_tradeoff_attacks_graybox_and_bpda_equal_whitebox_at_k0(trained_small_cn
     assert big["pgd_bpda_robust_accuracy"] <= big["pgd_robust_accuracy"]
     desc = d.describe()
     assert desc["tradeoff_attacks"]["pgd_graybox"]["attack"] == "pgd_transfer"
+    # every robust accuracy and median carries its 95% interval and the points behind it
+    for k, row in t.iterrows():
+        n_ok = int(round(float((retrofit(trained_small_cnn, k)(x).argmax(1) == y).sum())))
+        for col, n in [(f"{a}_robust_accuracy", 40) for a in spec] + [("df_median_min_l2", n_ok)]:
+            lo, hi = row[f"{col}_ci_low"], row[f"{col}_ci_high"]
+            assert row[f"{col}_n"] == n and lo <= row[col] <= hi, (k, col)
+            if col.endswith("robust_accuracy"):
+                assert (lo, hi) == pytest.approx(wilson_interval(round(row[col] * 40), 40))
+        assert row["df_median_min_l2_ci_low"] < row["df_median_min_l2_ci_high"]
+    with plotstyle.capture() as saved:
+        plot_tradeoff(tmp_path / "t.png", t.reset_index(), 1.0)
+    labels = [tx.get_text() for ax in saved[0][1].axes if ax.get_legend() for tx in ax.get_legend().get_texts()]
+    assert plotstyle.words("df_median_min_l2") in labels
+    assert not any("ci" in lab or lab.endswith(" n") for lab in labels)       # intervals are bands, not curves
+
+
+# ------------------------------------------------------------------------------------ intervals
+def test_wilson_interval_matches_its_formula_and_covers_about_95_percent():
+    z = 1.959963984540054                       # the 97.5% normal quantile
+    for k, n in ((0, 64), (32, 64), (64, 64), (3, 200)):
+        p = k / n
+        centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+        half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+        assert wilson_interval(k, n) == pytest.approx((centre - half, centre + half), abs=1e-12)
+    assert wilson_interval(0, 64) == (0.0, pytest.approx(z * z / (64 + z * z)))     # 0.057, not Wald's [0, 0]
+    # exact coverage: sum of Binomial(n, p) probabilities of the counts whose interval holds p. Wilson's is
+    # nominal only on average over p (0.940 at p = 0.5, 0.967 at p = 0.1 for n = 64)
+    for n, p in ((64, 0.5), (64, 0.1), (200, 0.7)):
+        cover = sum(math.comb(n, k) * p ** k * (1 - p) ** (n - k) for k in range(n + 1)
+                    if wilson_interval(k, n)[0] <= p <= wilson_interval(k, n)[1])
+        assert abs(cover - 0.95) < 0.02, (n, p, cover)
+    assert all(math.isnan(v) for v in wilson_interval(0, 0))
+
+
+def test_median_interval_is_the_order_statistic_interval_with_its_stated_coverage():
+    def cdf(j: int, n: int) -> float:          # P(B <= j), B ~ Binomial(n, 1/2), exactly
+        return sum(math.comb(n, i) for i in range(j + 1)) / 2 ** n
+
+    sample = np.random.default_rng(0).permutation(np.r_[np.arange(1.0, 61.0), [np.inf] * 4])   # 4 never fooled
+    l = max(j for j in range(1, 33) if cdf(j - 1, 64) <= 0.025)
+    assert l == median_rank(64) == 24
+    assert median_interval(sample) == (24.0, 41.0)                  # x_(24), x_(64 + 1 - 24) of 1..60, inf x 4
+    lo, hi = median_interval(sample)
+    assert lo <= float(torch.tensor(sample).median()) <= hi         # the table's point estimate lies inside
+    assert median_coverage(64) == pytest.approx(1 - 2 * cdf(23, 64)) and median_coverage(64) >= 0.95
+    assert 1 - 2 * cdf(24, 64) < 0.95                              # one rank inwards would fall short
+    # upper bound +inf when the never-fooled points reach rank n + 1 - l: honest, not a number
+    assert median_interval(np.r_[np.arange(1.0, 41.0), [np.inf] * 24])[1] == math.inf
+    assert median_interval([1.0, 2.0, 3.0]) == (-math.inf, math.inf)   # n < 6: no interval reaches 95%
+    # coverage over repeated samples of a law with a known median (exponential: ln 2), against the exact one
+    rng = np.random.default_rng(1)
+    draws = rng.exponential(size=(4000, 25))
+    hits = np.array([lo <= math.log(2) <= hi for lo, hi in map(median_interval, draws)])
+    exact = median_coverage(25)
+    assert exact >= 0.95 and abs(hits.mean() - exact) < 3 * math.sqrt(exact * (1 - exact) / len(hits))
 
 
 def test_tradeoff_attacks_config_errors_name_the_key():

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from defenses.jumprelu.activation import check_jump
-from defenses.jumprelu.measure import attack_strength, zero_gradient_fraction
+from defenses.jumprelu.measure import attack_strength, preactivation_quantiles, zero_gradient_fraction
 from defenses.jumprelu.plot import plot_tradeoff
 from defenses.jumprelu.retrofit import retrofit, set_jump
 from defenses.jumprelu.tuning import (DEFAULT_GRID, check_tradeoff_attacks, choose_jump, load_tuning, store_tuning,
@@ -25,6 +25,8 @@ from robustbench_lab.core.model import predict
 
 log = logging.getLogger(__name__)
 
+PREACTIVATION_POINTS = 500   # enough for stable quantiles; the first ReLU of a CNN sees ~10^4 values per image
+
 
 class JumpReLUDefense(Defense):
     """Retrofit every ReLU of the trained model with JumpReLU(k).
@@ -36,6 +38,9 @@ class JumpReLUDefense(Defense):
     accuracy, the share of exactly-zero input gradients, and the strength of ``tradeoff_attack`` (any attack
     object; default DeepFool-L2: median minimal L2 and, at ``tradeoff_eps`` if given, robust accuracy) on
     the first ``tradeoff_n`` validation points -> ``jumprelu_tradeoff.csv`` and ``jumprelu_tradeoff.png``.
+    Every robust accuracy comes with its 95% Wilson interval and every median with its distribution-free
+    95% interval (``<column>_ci_low``, ``<column>_ci_high``) and the number of points behind it
+    (``<column>_n``); ``describe()`` adds the positive pre-activation quantiles per ReLU (the scale of k).
     The attack measure is the *white-box* one of the paper; with a plain attack it shows apparent
     robustness, including any gradient masking (set ``tradeoff_attack`` to a BPDA wrapper to see through it).
 
@@ -82,6 +87,7 @@ class JumpReLUDefense(Defense):
         self.tradeoff_attacks = check_tradeoff_attacks(tradeoff_attacks)
         self.chosen: float | None = None if self.jump == "auto" else float(self.jump)
         self.tradeoff: pd.DataFrame | None = None
+        self.preactivation: list[dict[str, Any]] | None = None
 
     # -- the transform ------------------------------------------------------------------------------------
     def transform(self, model: nn.Module, context: dict[str, Any]) -> nn.Module:
@@ -96,6 +102,11 @@ class JumpReLUDefense(Defense):
         x_val = data_mod.to_float(splits.x_val[:n]).to(device)
         y_val = splits.y_val[:n].to(device)
         seed = int(context.get("seed", 0))
+        # the scale the grid has to span, recorded even when the tuning is reused (one forward pass)
+        self.preactivation = preactivation_quantiles(model, x_val[:PREACTIVATION_POINTS], self.batch_size)
+        log.info("jumprelu: positive pre-activation quantiles per ReLU on %d validation points: %s",
+                 min(n, PREACTIVATION_POINTS), [{k: (round(v, 3) if isinstance(v, float) else v)
+                                                 for k, v in row.items()} for row in self.preactivation])
         cached = None
         if self.reuse_tuning and context.get("cache_dir") is not None:
             cached = Path(context["cache_dir"]) / "jumprelu" / f"{self.tuning_key(model, x_val, y_val, seed)}.json"
@@ -171,6 +182,8 @@ class JumpReLUDefense(Defense):
 
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {"jump": self.chosen, "jump_mode": "auto" if self.jump == "auto" else "fixed"}
+        if self.preactivation is not None:
+            out["preactivation_quantiles"] = self.preactivation
         if self.tradeoff is not None:
             t = self.tradeoff
             out.update({

@@ -24,8 +24,9 @@ from robustbench_lab.core.errors import ConfigError, check_number
 log = logging.getLogger(__name__)
 
 # Default jump grid for the default data (Fashion-MNIST, BatchNorm ResNets): pre-activations after BatchNorm
-# have roughly unit scale, and measured on the cached ResNet-20 the clean validation accuracy stays within
-# 1 point of k = 0 up to k ~ 0.4 and falls to ~chance-level by k ~ 1 (see the defense's trade-off table).
+# have roughly unit scale; on ResNet-20 the clean validation accuracy stays within 1 point of k = 0 up to
+# k = 0.1-0.2 (two trainings of the default recipe) and is near chance (0.11) at k = 1 (docs/jumprelu.md).
+# Another model needs its own grid: describe() records its pre-activation quantiles.
 DEFAULT_GRID = tuple(round(0.05 * i, 2) for i in range(21))   # 0, 0.05, ..., 1.0
 
 
@@ -62,7 +63,8 @@ def tuning_key(model: nn.Module, x_val: torch.Tensor, y_val: torch.Tensor, setti
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
     data = hashlib.sha256(x_val.detach().cpu().contiguous().numpy().tobytes())
     data.update(y_val.detach().cpu().contiguous().numpy().tobytes())
-    return content_key({"kind": "jumprelu_tuning", "version": 1, "model": h.hexdigest(), "val": data.hexdigest(),
+    # version 2: the table gained interval columns; a version-1 tuning is measured again, not adopted
+    return content_key({"kind": "jumprelu_tuning", "version": 2, "model": h.hexdigest(), "val": data.hexdigest(),
                         "n_val": int(x_val.shape[0]), "device": x_val.device.type, **settings})
 
 
