@@ -17,6 +17,8 @@ from attacks.pgd import PGD
 from robustbench_lab.app.builders import build_attack, build_attacks, targetable_attacks
 from robustbench_lab.app.checks import run_checks
 from robustbench_lab.app.execute import run_task
+from robustbench_lab.app.report import aggregate
+from robustbench_lab.app.tracking import wandb_safe
 from robustbench_lab.core.attack_base import AttackFamily
 from robustbench_lab.core.errors import ConfigError
 from robustbench_lab.core.evaluator import attack_points, evaluate, summarize
@@ -358,6 +360,11 @@ def test_api_targeted_run_reports_the_mode_and_the_targeted_success_rate(trained
     assert (pred[broken] == pe["target"].to_numpy()[broken]).all()
     r.save(tmp_path / "api")
     assert "targeted success rate" in (tmp_path / "api" / "summary.md").read_text()
+    # W&B rejects pd.NA: the tracker's copy of the table has NaN where a point has no target
+    wandb = pytest.importorskip("wandb")
+    logged = wandb_safe(r._assessment.evaluation.table)
+    assert logged["target"].dtype == float and logged["target"].isna().any()
+    assert wandb.Table(dataframe=logged).columns == list(logged.columns)
 
 
 @pytest.mark.skipif(not fashion_available(), reason="Fashion-MNIST not installed")
@@ -418,3 +425,22 @@ def test_checks_of_a_least_likely_run_compare_like_with_like_and_skip_bpda(train
     assert "every recorded success is predicted as its target" in res["audit"].message
     fired = [n for n, r in res.items() if r.fired]
     assert fired == [], {n: res[n].message for n in fired}
+
+
+def test_a_sweep_comparison_keeps_targeted_cells_apart_and_names_their_mode(tmp_path):
+    base = {"dataset": "fashion_mnist", "model": "m", "defense": "none", "attack": "pgd", "norm": "linf",
+            "eps": 0.1, "clean_accuracy": 0.9, "attack_success_rate": 0.4, "median_l2": 1.0, "median_linf": 0.1,
+            "mean_rel_l2": 0.1, "grad_evals_per_example": 20, "attack_seconds": 1.0, "seconds": 2.0,
+            "n_examples": 10}
+    cells = [({"robust_accuracy": 0.1}, 0), ({"robust_accuracy": 0.2}, 1),
+             ({"robust_accuracy": 0.6, "targeted": True, "target": "random", "targeted_success_rate": 0.3}, 0),
+             ({"robust_accuracy": 0.8, "targeted": True, "target": "random", "targeted_success_rate": 0.1}, 1)]
+    for i, (extra, seed) in enumerate(cells):
+        (tmp_path / "sweep" / str(i)).mkdir(parents=True)
+        (tmp_path / "sweep" / str(i) / "metrics.json").write_text(json.dumps({**base, **extra, "seed": seed}))
+    w = aggregate([tmp_path / "sweep"], tmp_path / "out")
+    summ = pd.read_csv(w["summary"]).set_index("mode")
+    assert summ.loc["untargeted", "robust_accuracy"] == pytest.approx(0.15)
+    assert summ.loc["targeted: random", "robust_accuracy"] == pytest.approx(0.7)
+    assert summ.loc["targeted: random", "targeted_success_rate"] == pytest.approx(0.2)
+    assert "targeted: random" in w["md"].read_text()

@@ -94,7 +94,7 @@ def group_keys(df: pd.DataFrame) -> list[str]:
 def curve_label(values: dict[str, Any], swept: Sequence[str]) -> str:
     """``attack / defense`` as users name them ("PGD / no defense"), the mode where some cell ran targeted,
     and the swept values that tell the curve apart (``attack.steps=10``)."""
-    extra = ", ".join([str(values["mode"])] * ("mode" in values) + [f"{k}={fmt_number(values[k])}" for k in swept])
+    extra = ", ".join(([str(values["mode"])] if "mode" in values else []) + [f"{k}={fmt_number(values[k])}" for k in swept])
     base = " / ".join(plotstyle.words(values[k]) for k in ("attack", "defense") if values.get(k, "") != "")
     return f"{base} ({extra})" if extra else base
 

@@ -191,8 +191,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Sequen
             cols["rel_l1"] = np.where(attacked, (out.l1 / l1(x).clamp_min(1e-12)).cpu().numpy(), np.nan)
         if with_target:   # the class each attacked point was pushed to (missing where not attacked or untargeted)
             aimed = out.target.cpu().numpy() if out.target is not None else np.full(n, -1)
-            cols["target"] = pd.array(np.where(attacked & (aimed >= 0), aimed, 0), dtype="Int64")
-            cols["target"][~(attacked & (aimed >= 0))] = pd.NA
+            cols["target"] = pd.Series(np.where(attacked & (aimed >= 0), aimed, np.nan)).astype("Int64").array
         nf, nb = out.n_forward, out.n_backward
         seconds[atk.name] = time.perf_counter() - t0
         counts[atk.name] = {"forward": nf, "backward": nb, "hvp": out.n_hvp, "attacked": int(attacked.sum()),
