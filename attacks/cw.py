@@ -163,7 +163,8 @@ class CWLinf(PGD):
     """CW-L-inf as PGD on the CW margin loss max_{j != y} z_j - z_y (fixed-epsilon; L-inf or L2 ball).
 
     The same method and hyperparameters as ``attacks.pgd.PGD`` with ``loss='margin'`` fixed; a class of its
-    own so that results are labelled ``cw_linf`` however the attack is built. Inputs (B, C, H, W) in [0, 1].
+    own so that results are labelled ``cw_linf`` however the attack is built. Targeted mode is PGD's on the
+    targeted margin z_t - max_{j != t} z_j (the paper's targeted f). Inputs (B, C, H, W) in [0, 1].
     """
 
     name = "cw_linf"
