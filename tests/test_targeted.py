@@ -16,6 +16,7 @@ import robustbench_lab as rbl
 from attacks.pgd import PGD
 from robustbench_lab.app.builders import build_attack, build_attacks, targetable_attacks
 from robustbench_lab.app.checks import run_checks
+from robustbench_lab.app.evaluate import build_curve_attack
 from robustbench_lab.app.execute import run_task
 from robustbench_lab.app.report import aggregate
 from robustbench_lab.app.tracking import wandb_safe
@@ -444,3 +445,15 @@ def test_a_sweep_comparison_keeps_targeted_cells_apart_and_names_their_mode(tmp_
     assert summ.loc["targeted: random", "robust_accuracy"] == pytest.approx(0.7)
     assert summ.loc["targeted: random", "targeted_success_rate"] == pytest.approx(0.2)
     assert "targeted: random" in w["md"].read_text()
+
+
+def test_the_curve_attack_follows_the_runs_mode():
+    cfg = compose(["attack.targeted=true", "attack.target=least_likely", "attack.norm=l2", "attack.eps=1.0",
+                   "curve=fmn"])
+    atk = build_curve_attack(cfg, build_attacks(cfg)[0])
+    assert atk.name == "fmn" and atk.target_spec == "least_likely" and atk.norm is Norm.L2
+    cfg = compose(["attack.targeted=true", "curve=trust_region"])
+    why = build_curve_attack(cfg, build_attacks(cfg)[0])
+    assert isinstance(why, str) and "trust_region takes no target" in why and "fmn" in why
+    cfg = compose(["curve=trust_region"])                     # untargeted runs: as before
+    assert not build_curve_attack(cfg, build_attacks(cfg)[0]).targeted
