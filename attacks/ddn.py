@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from attacks.fmn import cosine
-from robustbench_lab.core.attack_base import Attack, AttackFamily, correct_indices
+from robustbench_lab.core.attack_base import Attack, AttackFamily, correct_indices, reached
 from robustbench_lab.core.errors import check_number
 from robustbench_lab.core.norms import Norm, l2
 from robustbench_lab.core.rng import subset
@@ -39,6 +39,11 @@ class DDN(Attack):
     pixel space, and rounding adds up to 1/510 per pixel to a perturbation (about 6% of the minimal L2
     norm on the tests' 64-pixel linear model). ``levels=256`` reproduces the authors.
 
+    Targeted mode (``target`` (B,)), as the authors define it: the steps descend the cross-entropy to the
+    target (their loss ``multiplier * CE`` with multiplier +1), and an iterate is adversarial, for the best
+    point and for the radius' shrink or growth, when it is predicted as t. Examples already predicted as
+    their target, or labelled as it, are not attacked.
+
     Cost: one forward and one backward pass per attacked example per step (DDN keeps shrinking the norm
     after it has found an adversarial, so no example stops early), plus one forward pass on the clean batch.
     """
@@ -46,6 +51,7 @@ class DDN(Attack):
     name = "ddn"
     family = AttackFamily.MINIMIZATION
     supported_norms = (Norm.L2,)
+    targetable = True
 
     def __init__(self, *, norm: str = "l2", steps: int = 100, init_epsilon: float = 1.0, gamma: float = 0.05,
                  alpha_init: float = 1.0, alpha_final: float = 0.01, levels: int | None = None) -> None:
@@ -66,13 +72,14 @@ class DDN(Attack):
         self.levels = None if levels is None else int(levels)
 
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | None,
-            generator: torch.Generator) -> torch.Tensor:
+            generator: torch.Generator, target: torch.Tensor | None = None) -> torch.Tensor:
         best = x.clone()
-        idx = correct_indices(model, x, y)
+        idx = correct_indices(model, x, y, target)
         if idx.numel() == 0:
             return best
         streams = subset(generator, idx)   # the template hands every attack per-example streams
         x0, y0 = x[idx], y[idx]
+        t0 = None if target is None else target[idx]
         n = idx.numel()
         shape = (n, *([1] * (x.dim() - 1)))
         xa = x0.clone()
@@ -84,12 +91,16 @@ class DDN(Attack):
             alpha = cosine(self.alpha_init, self.alpha_final, i, self.steps)
             xa.requires_grad_(True)
             logits = model(xa)
-            (g,) = torch.autograd.grad(F.cross_entropy(logits, y0, reduction="sum"), xa)
+            if t0 is None:
+                loss = F.cross_entropy(logits, y0, reduction="sum")
+            else:
+                loss = -F.cross_entropy(logits, t0, reduction="sum")   # ascending it descends the CE to t
+            (g,) = torch.autograd.grad(loss, xa)
             with torch.no_grad():
                 xa = xa.detach()
                 delta = xa - x0
                 size = l2(delta)
-                adv = logits.argmax(1) != y0
+                adv = reached(logits.argmax(1), y0, t0)
                 better = adv & (size < best_norm)
                 best_norm = torch.where(better, size, best_norm)
                 best_x[better] = xa[better]

@@ -18,11 +18,14 @@ class FGSM(Attack):
 
     ``random_start=True`` gives the single-step variant with a random start used by fast adversarial training
     (Wong et al. 2020): start uniformly in the ball, step ``step_scale * eps``.
+    Targeted mode (``target`` (B,)): one step down the cross-entropy to the target (Kurakin et al. 2017;
+    Foolbox and torchattacks alike); an example labelled as its target is returned unchanged.
     Inputs (B, C, H, W) in [0, 1]; one forward and one backward pass per example.
     """
 
     name = "fgsm"
     family = AttackFamily.FIXED_EPS
+    targetable = True
 
     def __init__(self, *, norm: str = "linf", random_start: bool = False, step_scale: float = 1.0) -> None:
         super().__init__(norm=norm)
@@ -33,12 +36,18 @@ class FGSM(Attack):
         self.step_scale = float(step_scale)
 
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | None,
-            generator: torch.Generator) -> torch.Tensor:
+            generator: torch.Generator, target: torch.Tensor | None = None) -> torch.Tensor:
         assert eps is not None
         x0 = x
         if self.random_start:
             x0 = random_in_ball(x, eps, self.norm, generator).clamp(0, 1)
         x0 = x0.clone().requires_grad_(True)
-        loss = F.cross_entropy(model(x0), y, reduction="sum")
+        if target is None:
+            loss = F.cross_entropy(model(x0), y, reduction="sum")
+        else:
+            loss = -F.cross_entropy(model(x0), target, reduction="sum")
         (g,) = torch.autograd.grad(loss, x0)
-        return project(x0.detach() + self.step_scale * eps * normalize_grad(g, self.norm), x, eps, self.norm)
+        out = project(x0.detach() + self.step_scale * eps * normalize_grad(g, self.norm), x, eps, self.norm)
+        if target is not None:
+            out = torch.where((target == y).view(-1, *[1] * (x.dim() - 1)), x, out)
+        return out

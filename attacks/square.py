@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustbench_lab.core.attack_base import Attack, AttackFamily
+from robustbench_lab.core.attack_base import Attack, AttackFamily, margin_loss, reached
 from robustbench_lab.core.errors import check_bool, check_choice, check_number
 from robustbench_lab.core.norms import Norm, l2
 from robustbench_lab.core.rng import ExampleRandom, as_streams
@@ -82,7 +82,14 @@ class Square(Attack):
     second zeroed), keeping the total L2 norm at eps. ``p_init`` (paper: 0.05 L-inf and 0.1 L2 on ImageNet;
     AutoAttack uses 0.8 for both) sets the initial fraction of pixels changed; it halves on a fixed schedule.
     With ``rescale_schedule=True`` the schedule (written for 10000 queries) is compressed to ``n_queries``,
-    which a small budget needs. Loss: ``margin`` (z_y - max_{j != y} z_j) or ``ce`` (minus cross-entropy).
+    which a small budget needs. Loss: ``margin`` (z_y - max_{j != y} z_j) or ``ce`` (minus cross-entropy);
+    null: ``margin`` untargeted and ``ce`` targeted, the authors' choices.
+
+    Targeted mode (``target`` (B,)), as in the authors' code (``--targeted``) and AutoAttack's copy: an
+    example is done once the targeted margin max_{j != t} z_j - z_t is <= 0 (predicted as t), and the search
+    minimizes the cross-entropy to the target (their script sets ``cross_entropy`` for targeted runs of
+    both norms), or the targeted margin itself with ``loss=margin``. An example already predicted as its
+    target, or labelled as it, is returned unchanged.
 
     Cost: ``n_queries`` is the budget per restart and example, one forward pass per query on the examples
     not yet fooled, plus one start and one final pass per restart and one clean pass; ``n_backward`` is 0.
@@ -97,14 +104,15 @@ class Square(Attack):
     family = AttackFamily.FIXED_EPS
     supported_norms: ClassVar[tuple[Norm, ...]] = (Norm.LINF, Norm.L2)
     gradient_free: ClassVar[bool] = True   # score-based: the contract expects n_backward == 0
+    targetable = True
 
     def __init__(self, *, norm: str = "linf", n_queries: int = 1000, p_init: float = 0.8, n_restarts: int = 1,
-                 loss: str = "margin", rescale_schedule: bool = True, verbose: bool = False) -> None:
+                 loss: str | None = None, rescale_schedule: bool = True, verbose: bool = False) -> None:
         super().__init__(norm=norm)
         check_number("attack.n_queries", n_queries, low=1, integer=True)
         check_number("attack.n_restarts", n_restarts, low=1, integer=True)
         check_number("attack.p_init", p_init, low=0, low_open=True, high=1)
-        check_choice("attack.loss", loss, LOSSES)
+        check_choice("attack.loss", loss, LOSSES + (None,), "null: margin untargeted, ce targeted (the authors')")
         check_bool("attack.rescale_schedule", rescale_schedule)
         check_bool("attack.verbose", verbose)
         self.n_queries = int(n_queries)
@@ -120,8 +128,16 @@ class Square(Attack):
             it = int(it / self.n_queries * 10000)
         return self.p_init / 2 ** sum(it > t for t in SCHEDULE)
 
-    def _margin_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _margin_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                     target: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(margin, loss), each (B,), at ``x``: the margin is > 0 while the goal does not hold (z_y -
+        max_{j != y} z_j; targeted, max_{j != t} z_j - z_t); the search keeps the queries that lower the loss."""
         logits = model(x)
+        if target is not None:
+            margin = margin_loss(logits, target)
+            if (self.loss or "ce") == "ce":
+                return margin, F.cross_entropy(logits, target, reduction="none")
+            return margin, margin
         z_y = logits.gather(1, y[:, None]).squeeze(1)
         margin = z_y - logits.scatter(1, y[:, None], float("-inf")).amax(1)
         if self.loss == "ce":
@@ -130,29 +146,31 @@ class Square(Attack):
 
     # -- the method ---------------------------------------------------------------------------------------
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | None,
-            generator: torch.Generator) -> torch.Tensor:
+            generator: torch.Generator, target: torch.Tensor | None = None) -> torch.Tensor:
         assert eps is not None
         generator = as_streams(generator, x.shape[0], x.device, self.name)
         adv = x.clone()
         with torch.no_grad():
-            robust = model(x).argmax(1) == y
+            pred = model(x).argmax(1)
+            robust = pred == y if target is None else (pred != target) & (target != y)
             for r in range(self.n_restarts):
                 todo = robust.nonzero().squeeze(1)
                 if todo.numel() == 0:
                     break
                 streams = generator.take(todo).fork(f"restart{r}")
-                x_r = self._single_run(model, x[todo], y[todo], float(eps), streams)
-                fooled = model(x_r).argmax(1) != y[todo]
+                t_r = None if target is None else target[todo]
+                x_r = self._single_run(model, x[todo], y[todo], float(eps), streams, t_r)
+                fooled = reached(model(x_r).argmax(1), y[todo], t_r)
                 adv[todo[fooled]] = x_r[fooled]
                 robust[todo[fooled]] = False
         return adv
 
     def _single_run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
-                    rng: ExampleRandom) -> torch.Tensor:
+                    rng: ExampleRandom, target: torch.Tensor | None = None) -> torch.Tensor:
         b, c, h, w = x.shape
         n_features = c * h * w
         x_best = self._start(x, eps, rng)
-        margin_min, loss_min = self._margin_loss(model, x_best, y)
+        margin_min, loss_min = self._margin_loss(model, x_best, y, target)
         for i in range(self.n_queries):
             act = (margin_min > 0).nonzero().squeeze(1)
             if act.numel() == 0:
@@ -167,7 +185,7 @@ class Square(Attack):
                 s = max(int(round(math.sqrt(p * n_features / c))), 3)
                 s = min(s + 1 if s % 2 == 0 else s, h, w)
                 x_new = self._l2_step(xc, xb, eps, s, sub)
-            margin, loss = self._margin_loss(model, x_new, yc)
+            margin, loss = self._margin_loss(model, x_new, yc, None if target is None else target[act])
             improved = loss < loss_min[act]
             loss_min[act] = torch.where(improved, loss, loss_min[act])
             improved = improved | (margin <= 0)

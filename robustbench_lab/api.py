@@ -11,6 +11,7 @@ files when saved.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import platform
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 from robustbench_lab.app.assess import Assessment, assess, finish, write_assessment
-from robustbench_lab.app.builders import attack_from_name
+from robustbench_lab.app.builders import attack_from_name, check_target_classes, targetable_attacks
 from robustbench_lab.app.checks import LEVELS
 from robustbench_lab.core import data as data_mod
 from robustbench_lab.core.attack_base import Attack
@@ -34,6 +35,7 @@ from robustbench_lab.core.norms import Norm
 from robustbench_lab.core.progress import Progress
 from robustbench_lab.core.results import ResultWriter
 from robustbench_lab.core.sources import MODEL_CONTRACT, wrap
+from robustbench_lab.core.targets import TargetSpec, check_target
 
 
 
@@ -76,6 +78,15 @@ def as_classifier(model: nn.Module, x_probe: torch.Tensor, preprocessing: tuple[
                 norm_key="preprocessing")
 
 
+def _targeted(atk: Attack, target: TargetSpec) -> Attack:
+    """A copy of ``atk`` in targeted mode (the caller's object is left as it was), or a ConfigError naming
+    ``target`` when the method takes none."""
+    if not atk.targetable:
+        raise ConfigError("target", target, "None (untargeted)", f"{atk.name} is an untargeted method; attacks "
+                          "that take a target: " + ", ".join(targetable_attacks()))
+    return copy.copy(atk).set_target(target)
+
+
 def _points(data: str | tuple[torch.Tensor, torch.Tensor], n_examples: int | None, data_root: str | None,
             download: bool, split_seed: int) -> tuple[torch.Tensor, torch.Tensor, list[int], str, Sequence[str] | None]:
     if isinstance(data, str):
@@ -104,7 +115,7 @@ def evaluate(model: nn.Module, data: str | tuple[torch.Tensor, torch.Tensor] = "
              seed: int = 0, preprocessing: tuple[Sequence[float], Sequence[float]] | None = None,
              data_root: str | None = None, download: bool = False, split_seed: int = 0,
              name: str | None = None, attack_options: dict[str, Any] | None = None,
-             progress: bool = False) -> EvaluationResult:
+             progress: bool = False, target: str | int | None = None) -> EvaluationResult:
     """Evaluate ``model`` (any ``nn.Module`` mapping inputs in [0, 1] to logits) against ``attacks``.
 
     ``data``: a dataset name (``fashion_mnist``, ``mnist``, ``cifar10``, ``cifar100``, ``svhn``; its test
@@ -114,6 +125,8 @@ def evaluate(model: nn.Module, data: str | tuple[torch.Tensor, torch.Tensor] = "
     for minimal-norm attacks); ``attack_options`` override settings of the named attacks (``{"steps": 50}``).
     ``checks``: ``none``, ``quick`` or ``full``. ``progress=True`` draws bars on stderr over the attack
     batches and the checks (plain periodic lines when stderr is not a terminal); off by default.
+    ``target``: targeted mode for every attack (``random``, ``least_likely`` or a class index, as
+    ``attack.target``; docs/metrics.md): success then means "predicted as the target". None: untargeted.
     """
     t_start = time.time()
     check_choice("norm", norm, [n.value for n in Norm])
@@ -133,6 +146,8 @@ def evaluate(model: nn.Module, data: str | tuple[torch.Tensor, torch.Tensor] = "
             built.append(attack_from_name(a, norm, eps, key=f"attacks[{i}]", **(attack_options or {}))[0])
         else:
             raise ConfigError(f"attacks[{i}]", type(a).__name__, "an attack config name or an Attack object")
+    if target is not None:
+        built = [_targeted(a, check_target(target, "target")) for a in built]
     if not built:
         raise ConfigError("attacks", list(attacks), "at least one attack")
     dev = resolve_device(device)
@@ -142,6 +157,7 @@ def evaluate(model: nn.Module, data: str | tuple[torch.Tensor, torch.Tensor] = "
     clf = as_classifier(model.to(dev), x[:2], preprocessing, label).to(dev).eval()
     if int(y.max()) >= clf.num_classes:
         raise ConfigError("model", f"{clf.num_classes} outputs", f"at least {int(y.max()) + 1} (the labels' range)")
+    check_target_classes(built, clf.num_classes, key="target")
     a = assess(clf, x, y, built, eps, seed, batch_size, checks, indices=indices, progress=Progress(progress))
     metrics = {"dataset": dataset, "model": label, "defense": "none", "attack": "+".join(at.name for at in built),
                **a.metrics, "seed": int(seed), "device": str(dev), "torch_version": torch.__version__,

@@ -17,7 +17,7 @@ from robustbench_lab.app.checks import report as checks_report
 from robustbench_lab.app.curve import write_curve
 from robustbench_lab.app.checks import run_checks
 from robustbench_lab.core.attack_base import MINIMIZATION, Attack
-from robustbench_lab.core.evaluator import Evaluation, evaluate, summarize
+from robustbench_lab.core.evaluator import Evaluation, evaluate, summarize, target_label
 from robustbench_lab.core.progress import SILENT, Progress
 from robustbench_lab.core.results import ResultWriter, plot_examples, summary_markdown
 
@@ -46,13 +46,16 @@ def assess(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Sequence
     attacks = list(attacks)
     idx = list(indices) if indices is not None else list(range(x.shape[0]))
     gen = torch.Generator(device=x.device).manual_seed(int(seed))
+    spec = target_label(attacks)
     progress.stage("attacks", f"{'+'.join(a.name for a in attacks)} ({attacks[-1].norm.value}, "
-                   f"{'eps ' + format(eps, 'g') if eps is not None else 'minimal norm'}) on {x.shape[0]} points, "
+                   f"{'eps ' + format(eps, 'g') if eps is not None else 'minimal norm'}"
+                   f"{', targeted: ' + spec if spec is not None else ''}) on {x.shape[0]} points, "
                    f"batches of {int(batch_size)}")
     ev = evaluate(model, x, y, attacks, eps, gen, batch_size=int(batch_size), indices=idx, progress=progress)
     summ = summarize(ev, attacks, eps)
-    progress.stage("checks", f"{checks} (docs/checks/); robust accuracy {summ['robust_accuracy']:.1%} "
-                   f"after {summ['attack_seconds']:.1f} s of attacks")
+    progress.stage("checks", f"{checks} (docs/checks/); robust accuracy {summ['robust_accuracy']:.1%}"
+                   + (f", targeted success rate {summ['targeted_success_rate']:.1%}" if spec is not None else "")
+                   + f" after {summ['attack_seconds']:.1f} s of attacks")
     t_chk = time.time()
     check_gen = torch.Generator(device=x.device).manual_seed(int(seed) + CHECK_SEED_OFFSET)
     chk = checks_report(run_checks(model, x, y, attacks, eps, ev.robust, ev.x_adv, ev.n_nan, str(checks), check_gen,
@@ -79,7 +82,9 @@ def write_assessment(writer: ResultWriter, a: Assessment, metrics: dict[str, Any
     norm = a.attacks[-1].norm
     if all(atk.family == MINIMIZATION for atk in a.attacks):
         norms = np.where(pe["broken_by"].notna(), pe[norm.value], np.inf)
-        write_curve(writer, norms, pe["clean_correct"].to_numpy(), title, f"epsilon ({norm.value})", a.eps,
+        spec = target_label(a.attacks)
+        write_curve(writer, norms, pe["clean_correct"].to_numpy(),
+                    title + (f" (targeted: {spec})" if spec is not None else ""), f"epsilon ({norm.value})", a.eps,
                     stop_at_eps=True)
         sections.append("Robust accuracy vs epsilon (from minimal norms): robust_accuracy_curve.csv/.png")
     sel = np.array(pe.index[pe["broken_by"].notna()].to_numpy()[:8])

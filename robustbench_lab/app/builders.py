@@ -22,7 +22,7 @@ from robustbench_lab.core.errors import ConfigError, check_bool
 from robustbench_lab.core.model import Classifier
 from robustbench_lab.core.norms import Norm
 from robustbench_lab.core.recipe import Recipe
-from robustbench_lab.core.targets import check_target
+from robustbench_lab.core.targets import check_target, check_target_class
 from robustbench_lab.core.train import EpochCallback, get_or_train
 from robustbench_lab.core.train import checkpoint_spec as train_checkpoint_spec
 
@@ -90,8 +90,9 @@ def targetable_attacks() -> list[str]:
 def build_attacks(cfg: DictConfig) -> tuple[list[Attack], float | None, str]:
     """The attacks of a run: ``attack`` alone, or the cascade ``attacks=[a,b,...]`` (names of attack configs).
 
-    A cascade shares one threat model: every member gets ``attack.norm`` and ``attack.eps``. Each member
-    runs only on the points still robust after the previous ones (the evaluator's robust mask).
+    A cascade shares one threat model: every member gets ``attack.norm`` and ``attack.eps``, and, in
+    targeted mode, ``attack.targeted`` and ``attack.target`` (so a member that takes no target is an error).
+    Each member runs only on the points still robust after the previous ones (the evaluator's robust mask).
     """
     names = cfg.get("attacks")
     if not names:
@@ -99,12 +100,29 @@ def build_attacks(cfg: DictConfig) -> tuple[list[Attack], float | None, str]:
         return [atk], eps, str(cfg.attack.name)
     if isinstance(names, str) or not all(isinstance(n, str) for n in names):
         raise ConfigError("attacks", names, "a list of attack config names, e.g. attacks=[pgd,fgsm]")
+    shared = targeted_options(cfg.attack)
     attacks: list[Attack] = []
     eps_out: float | None = None
     for i, name in enumerate(names):
-        atk, eps_out = attack_from_name(name, cfg.attack.norm, cfg.attack.eps, key=f"attacks[{i}]")
+        atk, eps_out = attack_from_name(name, cfg.attack.norm, cfg.attack.eps, key=f"attacks[{i}]", **shared)
         attacks.append(atk)
     return attacks, eps_out, "+".join(str(n) for n in names)
+
+
+def targeted_options(node: Any) -> dict[str, Any]:
+    """``{"targeted": True, "target": ...}`` from an attack node in targeted mode, else {}: the overrides
+    that put another attack config (a cascade member, the curve attack) in the same mode."""
+    if "targeted" not in node:
+        return {}
+    check_bool("attack.targeted", node.get("targeted"))
+    return {"targeted": True, "target": node.get("target", "random")} if node.get("targeted") else {}
+
+
+def check_target_classes(attacks: list[Attack], num_classes: int, key: str = "attack.target") -> None:
+    """A ConfigError naming ``key`` when a targeted attack's class index is not a class of the model."""
+    for atk in attacks:
+        if atk.targeted:
+            check_target_class(atk.target_spec, num_classes, key)  # type: ignore[arg-type]
 
 
 def attack_from_name(name: str, norm: str, eps: float | None, key: str, **overrides: Any) -> tuple[Attack, float | None]:

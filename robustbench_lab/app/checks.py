@@ -23,12 +23,13 @@ from torch import nn
 from attacks.adaptive import BPDA, Transfer, bpda_modules
 from robustbench_lab.app.builders import attack_from_name
 from robustbench_lab.core.analyses import input_gradients, zero_gradient_mask
-from robustbench_lab.core.attack_base import Attack, AttackFamily
+from robustbench_lab.core.attack_base import Attack, AttackFamily, reached
 from robustbench_lab.core.errors import check_choice
 from robustbench_lab.core.evaluator import attack_points
 from robustbench_lab.core.model import eval_frozen, predict
 from robustbench_lab.core.norms import Norm, l2, linf
 from robustbench_lab.core.progress import SILENT, Progress
+from robustbench_lab.core.targets import TargetSpec
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +72,15 @@ class CheckResult:
                 "doc": f"{DOCS}/{self.name}.md"}
 
 
-def _attack(name: str, norm: Norm, **over: Any) -> Attack:
+def _attack(name: str, norm: Norm, target: TargetSpec | None = None, **over: Any) -> Attack:
+    """A probe from its attack config; with ``target``, in the run's targeted mode (towards that spec)."""
     # eps 0 is a placeholder: the checks pass their epsilon at call time
-    return attack_from_name(name, norm.value, 0.0, key=f"checks.{name}", **over)[0]
+    return attack_from_name(name, norm.value, 0.0, key=f"checks.{name}", **over)[0].set_target(target)
+
+
+def skipped(name: str, why: str) -> CheckResult:
+    """A check that does not apply to this run: recorded as such, with the reason, never as a pass."""
+    return CheckResult(name, False, {"skipped": why}, f"skipped: {why}")
 
 
 def _robust_accuracy(model: nn.Module, atk: Attack, x: torch.Tensor, y: torch.Tensor, eps: float,
@@ -118,11 +125,14 @@ RAW_TOLERANCE = 1e-6   # how far an attack's own output may leave the ball or th
 
 
 def audit(x: torch.Tensor, x_adv: torch.Tensor, norm: Norm, eps: float | None, n_nan: int,
-          is_fixed_eps: bool, raw: dict[str, dict[str, Any]] | None = None) -> CheckResult:
+          is_fixed_eps: bool, raw: dict[str, dict[str, Any]] | None = None,
+          table: pd.DataFrame | None = None) -> CheckResult:
     """The final audit line (AutoAttack's): the largest perturbation per norm, NaN count, value range of the
     scored adversarials; and, per attack, how far the method's own output left the ball and the box before
     the template clipped it (``raw``: the evaluation's per-attack counts). Anything beyond float rounding
-    there is a bug in that attack, which clipping would otherwise hide."""
+    there is a bug in that attack, which clipping would otherwise hide. In a targeted run (``table`` with a
+    ``target`` column) it also checks the records: every success must be predicted as its target, which is
+    not its label."""
     d = x_adv - x
     v = {"max_linf": float(linf(d).max()) if d.numel() else 0.0, "max_l2": float(l2(d).max()) if d.numel() else 0.0,
          "nan_count": int(n_nan), "min_value": float(x_adv.min()) if d.numel() else 0.0,
@@ -133,14 +143,31 @@ def audit(x: torch.Tensor, x_adv: torch.Tensor, norm: Norm, eps: float | None, n
                        for name, c in (raw or {}).items()}
     buggy = {name: r for name, r in v["raw_output"].items()
              if max(r["raw_ball_violation"], r["raw_box_violation"]) > RAW_TOLERANCE}
-    fired = bool(over or box or n_nan or buggy)
+    wrong = _targeted_records(table)
+    if wrong is not None:
+        v["targeted_successes_not_at_target"] = wrong
+    fired = bool(over or box or n_nan or buggy or wrong)
     msg = (f"max perturbation: L-inf {v['max_linf']:.4g}, L2 {v['max_l2']:.4g}; NaN: {n_nan}; adversarial "
            f"values in [{v['min_value']:.3g}, {v['max_value']:.3g}]")
+    if wrong is not None:
+        msg += (f"; targeted: {wrong} recorded successes not predicted as their target" if wrong else
+                "; targeted: every recorded success is predicted as its target")
     for name, r in buggy.items():
         msg += (f"; BUG in attack {name}: its output left the {'ball' if r['raw_ball_violation'] > RAW_TOLERANCE else 'box'}"
                 f" by up to {max(r['raw_ball_violation'], r['raw_box_violation']):.3g} ({r['n_projected']} points "
                 f"moved back by the harness)")
     return CheckResult("audit", fired, v, msg)
+
+
+def _targeted_records(table: pd.DataFrame | None) -> int | None:
+    """Targeted runs: how many rows of the per-example table count as a success although the recorded
+    prediction is not the recorded target (or the target is the label); None for untargeted runs."""
+    if table is None or "target" not in table:
+        return None
+    hits = table[table["success"].astype(bool)]
+    target = hits["target"].to_numpy(dtype=float, na_value=np.nan)
+    ok = (hits["adv_pred"].to_numpy() == target) & (target != hits["label"].to_numpy())
+    return int((~ok).sum())
 
 
 def attack_kind(atk: Attack) -> str:
@@ -212,7 +239,7 @@ def run_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Sequ
         results.append(r)
         bar.update(1, fired=int(r.fired))
 
-    add(audit(x, x_adv, norm, eps, n_nan, all(a.family == AttackFamily.FIXED_EPS for a in attacks), raw))
+    add(audit(x, x_adv, norm, eps, n_nan, all(a.family == AttackFamily.FIXED_EPS for a in attacks), raw, table))
     if level is CheckLevel.NONE:
         return results
     b = BUDGETS[level]
@@ -223,28 +250,39 @@ def run_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Sequ
     add(randomized_output(model, xs))
     if eps is None or eps == 0:
         return results
+    # Targeted runs: the probes attack in the run's mode, so "robust" means the same thing for all of them.
+    # Random targets are drawn with the checks' seed, other targets than the run's: then the probes are
+    # compared with each other only, not with the run's own attacks.
+    spec = next((a.target_spec for a in attacks if a.targeted), None)
+    vs_run = spec != "random"
     main_ra = float(rob.float().mean())
     cas = cascade_evidence(attacks, table, x.shape[0])
     wb_mask = cas.pop("white_box_mask")
-    main_white = float(torch.as_tensor(wb_mask[:n]).float().mean()) if wb_mask is not None else None
+    main_white = float(torch.as_tensor(wb_mask[:n]).float().mean()) if wb_mask is not None and vs_run else None
+    not_run = "" if vs_run else "; the run's attacks aimed at other random targets, not compared"
     bs = batch_size
     # iterative vs single step
-    fgsm_ra = _robust_accuracy(model, _attack("fgsm", norm), xs, ys, eps, generator, bs)
-    pgd = _attack("pgd", norm, steps=b["steps"])
+    fgsm_ra = _robust_accuracy(model, _attack("fgsm", norm, spec), xs, ys, eps, generator, bs)
+    pgd = _attack("pgd", norm, spec, steps=b["steps"])
     pgd_ra = _robust_accuracy(model, pgd, xs, ys, eps, generator, bs)
-    fired = fgsm_ra < pgd_ra - 0.01 or fgsm_ra < main_ra - 0.01
+    fired = fgsm_ra < pgd_ra - 0.01 or (vs_run and fgsm_ra < main_ra - 0.01)
     add(CheckResult("single_step_stronger", fired,
-                    {"fgsm": fgsm_ra, "pgd": pgd_ra, "main": main_ra},
-                    f"robust accuracy on {n} points: FGSM {fgsm_ra:.3f}, PGD-{b['steps']} {pgd_ra:.3f}, "
-                    f"run's attacks {main_ra:.3f}"))
+                    {"fgsm": fgsm_ra, "pgd": pgd_ra, "main": main_ra if vs_run else None},
+                    f"robust accuracy on {n} points: FGSM {fgsm_ra:.3f}, PGD-{b['steps']} {pgd_ra:.3f}"
+                    + (f", run's attacks {main_ra:.3f}" if vs_run else not_run)))
     # convergence: more steps and restarts
-    pgd_more = _attack("pgd", norm, steps=2 * b["steps"], restarts=2)
+    pgd_more = _attack("pgd", norm, spec, steps=2 * b["steps"], restarts=2)
     more_ra = _robust_accuracy(model, pgd_more, xs, ys, eps, generator, bs)
-    fired = more_ra < min(pgd_ra, main_ra) - 0.02
-    add(CheckResult("not_converged", fired, {"pgd": pgd_ra, "pgd_2x_steps_2_restarts": more_ra, "main": main_ra},
-                    f"PGD with 2x steps and 2 restarts: {more_ra:.3f} vs {min(pgd_ra, main_ra):.3f}"))
+    if vs_run:
+        fired = more_ra < min(pgd_ra, main_ra) - 0.02
+        add(CheckResult("not_converged", fired, {"pgd": pgd_ra, "pgd_2x_steps_2_restarts": more_ra, "main": main_ra},
+                        f"PGD with 2x steps and 2 restarts: {more_ra:.3f} vs {min(pgd_ra, main_ra):.3f}"))
+    else:   # it judges the run's attacks, which aimed elsewhere: a probe-only comparison would judge the probe
+        add(skipped("not_converged", "the run's attacks aimed at random targets drawn with the run's seed, the "
+                                     "probes at others (drawn with the checks' seed), so the probes cannot tell "
+                                     "whether the run's attacks converged"))
     # black box
-    square = _attack("square", norm, n_queries=b["square_queries"])
+    square = _attack("square", norm, spec, n_queries=b["square_queries"])
     sq_ra = _robust_accuracy(model, square, xs, ys, eps, generator, bs)
     white = min(pgd_ra, more_ra) if main_white is None else min(pgd_ra, more_ra, main_white)
     fired, value, msg = _stronger("black_box", "square", sq_ra, white, cas)
@@ -258,13 +296,18 @@ def run_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Sequ
         ok = predict(model, xs) == ys
         crafted = attack_points(source, pgd, xs, ys, eps, generator, bs, clean_correct=ok)
         tr_rob = ok.clone()
-        tr_rob[ok] = predict(model, crafted.x_adv[ok], bs) == ys[ok]
+        # re-verified on the defended model: misclassified, or, targeted, predicted as the crafted-for target
+        tr_rob[ok] = ~reached(predict(model, crafted.x_adv[ok], bs), ys[ok],
+                              None if crafted.target is None else crafted.target[ok])
         tr_ra = float(tr_rob.float().mean())
         fired, value, msg = _stronger("transfer", "transfer", tr_ra, white, cas)
         add(CheckResult("transfer_stronger", fired, value,
                         f"PGD crafted on the undefended model: {tr_ra:.3f} vs white-box {white:.3f}" + msg))
     # BPDA, when the model has modules with a smooth backward surrogate (e.g. JumpReLU)
-    if bpda_modules(model):
+    if bpda_modules(model) and spec is not None:
+        add(skipped("bpda_stronger", "the BPDA wrapper runs its base attack untargeted, so it has no probe "
+                                     "comparable with this targeted run"))
+    elif bpda_modules(model):
         surrogate = bpda_modules(model)[0].BPDA_SURROGATES[0]
         bpda = BPDA(base=_attack("pgd", norm, steps=b["steps"]), surrogate=surrogate)
         # BPDA draws its base's streams: PGD's random starts, replayed point by point (like for like)
@@ -276,7 +319,7 @@ def run_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Sequ
     # monotonicity in epsilon and reaching zero
     large = LARGE_EPS[norm] if norm is Norm.LINF else 0.5 * float(xs[0].numel()) ** 0.5
     grid = sorted({eps * f for f in (0.5, 1.0, 2.0)} | {large})
-    ras = [_robust_accuracy(model, _attack("pgd", norm, steps=b["steps"]), xs, ys, e, generator, bs)
+    ras = [_robust_accuracy(model, _attack("pgd", norm, spec, steps=b["steps"]), xs, ys, e, generator, bs)
            for e in grid]
     nonmono = any(ras[i + 1] > ras[i] + 0.02 for i in range(len(ras) - 1))
     not_zero = ras[-1] > 0.05

@@ -63,19 +63,23 @@ def robustness_curve(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack:
     log.info("curve: %s (%s, minimal norms) on the clean-correct points, for robust accuracy at every epsilon",
              attack.name, attack.norm.value)
     t0 = time.perf_counter()
-    gen = torch.Generator(device=x.device).manual_seed(int(seed) + CURVE_SEED_OFFSET)
+    # targeted: the run's own seed, so random targets are the run's (the method's streams are salted with
+    # the attack's name, so they still differ from the run's attacks')
+    gen = torch.Generator(device=x.device).manual_seed(int(seed) + (0 if attack.targeted else CURVE_SEED_OFFSET))
     ev = evaluate(model, x, y, [attack], None, gen, batch_size=batch_size, indices=indices, progress=progress)
     seconds = time.perf_counter() - t0
     pe = ev.per_example()
+    mode = f", targeted: {attack.target_spec}" if attack.targeted else ""
     col = attack.norm.value            # the per-example column of the attack's own norm
     norms = np.where(pe["broken_by"].notna(), pe[col], np.inf)
     cc = pe["clean_correct"].to_numpy()
-    write_curve(writer, norms, cc, f"{title} ({attack.name}, minimal norms)", f"epsilon ({attack.norm.value})", eps)
+    write_curve(writer, norms, cc, f"{title} ({attack.name}{mode}, minimal norms)", f"epsilon ({attack.norm.value})", eps)
     readable = sorted(set(READABLE[attack.norm]) | ({float(eps)} if eps is not None else set()))
     at = robust_accuracy_curve(norms, cc, readable)
     n_cc = int(cc.sum())
     metrics = {
         "attack": attack.name, "norm": attack.norm.value, "seconds": seconds,
+        **({"targeted": True, "target": str(attack.target_spec)} if attack.targeted else {}),
         "success_rate": float(np.isfinite(norms[cc]).mean()) if n_cc else float("nan"),
         f"median_{col}": float(np.median(norms[cc])) if n_cc else float("nan"),
         "robust_accuracy": {f"{e:g}": float(r) for e, r in zip(at["eps"], at["robust_accuracy"])},
@@ -83,7 +87,7 @@ def robustness_curve(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack:
     cells = " | ".join(f"{e:g}" for e in at["eps"])
     vals = " | ".join(f"{r:.3f}" for r in at["robust_accuracy"])
     section = "\n".join([
-        f"## Robust accuracy vs epsilon ({attack.name}, {attack.norm.value}, from minimal norms)", "",
+        f"## Robust accuracy vs epsilon ({attack.name}, {attack.norm.value}{mode}, from minimal norms)", "",
         f"Median minimal {attack.norm.value} perturbation {metrics[f'median_{col}']:.4g} over the {n_cc} clean-correct "
         f"points ({attack.name} broke {metrics['success_rate']:.1%} of them, {seconds:.1f} s). One attack's minimal "
         "norms give an upper bound on robust accuracy at each epsilon. Plot: robust_accuracy_curve.png.", "",

@@ -17,13 +17,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from robustbench_lab.app.builders import (CONF_DIR, attack_from_name, build_attacks, build_defense, check_model_config,
-                                          load_model)
+                                          check_target_classes, load_model, targetable_attacks)
 from robustbench_lab.app.assess import assess, finish, write_assessment
 from robustbench_lab.app.cells import config_hash, settings
 from robustbench_lab.app.curve import needs_curve, robustness_curve
 from robustbench_lab.app.tracking import make_tracker, run_identity
 from robustbench_lab.app.validate import validate
 from robustbench_lab.core import data as data_mod
+from robustbench_lab.core.attack_base import Attack
 from robustbench_lab.core.errors import ConfigError
 from robustbench_lab.core.device import resolve_device
 from robustbench_lab.core.progress import Progress
@@ -43,6 +44,8 @@ def run_evaluation(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | 
     validate(cfg)
     device = resolve_device(cfg.device)
     attacks, eps, attack_label = build_attacks(cfg)
+    # a target class the model does not have fails here, before any data is read
+    check_target_classes(attacks, int(cfg.model.get("num_classes") or data_mod.get_card(cfg.data.name).num_classes))
     curve_attack = build_curve_attack(cfg, attacks)
     defense = build_defense(cfg.defense)
     recipe = Recipe.from_config(cfg.model.get("train"))
@@ -59,16 +62,27 @@ def run_evaluation(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | 
         tracker.finish(exit_code)
 
 
-def build_curve_attack(cfg: DictConfig, attacks):
-    """The ``curve`` attack (a minimization attack's config name) in the run's norm, or None (no ``curve``,
-    or the run's attacks already give the curve)."""
+def build_curve_attack(cfg: DictConfig, attacks: list[Attack]) -> Attack | str | None:
+    """The ``curve`` attack (a minimization attack's config name) in the run's norm and mode (targeted
+    runs: towards the same targets), or None (no ``curve``, or the run's attacks already give the curve).
+    In a targeted run an untargeted curve attack is skipped: the string returned instead says why."""
     name = cfg.get("curve")
     if not name:
         return None
     minimal = sorted(p.stem for p in (CONF_DIR / "attack").glob("*.yaml") if OmegaConf.load(p).get("eps", 0) is None)
     if str(name) not in minimal:   # fixed-epsilon configs carry an eps; minimization ones have eps: null
         raise ConfigError("curve", name, minimal + [None], "the curve comes from a minimization attack's minimal norms")
-    atk, _ = attack_from_name(str(name), str(cfg.attack.norm), None, "curve")
+    spec = next((a.target_spec for a in attacks if a.targeted), None)
+    if spec is not None and str(name) not in targetable_attacks():
+        if not needs_curve(attack_from_name(str(name), str(cfg.attack.norm), None, "curve")[0], attacks):
+            return None
+        why = (f"curve skipped: {name} takes no target and this run is targeted (an untargeted curve would not "
+               "describe it); minimization attacks that take one: "
+               + ", ".join(n for n in minimal if n in targetable_attacks()))
+        log.warning(why)
+        return why
+    shared = {"targeted": True, "target": spec} if spec is not None else {}
+    atk, _ = attack_from_name(str(name), str(cfg.attack.norm), None, "curve", **shared)
     return atk if needs_curve(atk, attacks) else None
 
 
@@ -107,7 +121,10 @@ def _evaluate(cfg, run_dir, device, attacks, attack_label, eps, defense, recipe,
     }
     title = f"{attack_label} on {cfg.model.name}/{cfg.data.name}"
     sections = write_assessment(writer, a, metrics, title, cfg.data.name, splits.card.class_names)
-    if curve_attack is not None:
+    if isinstance(curve_attack, str):   # skipped in a targeted run
+        metrics["curve"] = {"attack": cfg.get("curve"), "skipped": curve_attack}
+        sections.append(f"## Robust accuracy vs epsilon\n\n{curve_attack[:1].upper()}{curve_attack[1:]}.")
+    elif curve_attack is not None:
         metrics["curve"], section = robustness_curve(defended, x, y, curve_attack, eps, int(cfg.seed), int(cfg.batch_size),
                                                      splits.eval_indices.tolist(), writer, title, progress)
         sections.append(section)

@@ -26,13 +26,14 @@ from robustbench_lab.core.results import METRICS_FILE
 
 log = logging.getLogger(__name__)
 
-GROUP = ["dataset", "model", "defense", "attack", "norm", "eps"]
+# "mode" (untargeted | targeted: <target>) exists only where some cell ran targeted attacks (``collect``)
+GROUP = ["dataset", "model", "defense", "attack", "mode", "norm", "eps"]
 # settings already in GROUP under another name, or that never tell cells apart (the seed: intervals are over it)
 NOT_SWEPT = {"data.name", "model.name", "defense.name", "attack.name", "attack.norm", "attack.eps", "seed",
-             "attacks"}
+             "attacks", "attack.targeted"}
 NOT_SWEPT_SUFFIXES = ("._target_",)   # the class follows from the attack or defense name
-VALUES = ["clean_accuracy", "robust_accuracy", "attack_success_rate", "median_l2", "median_linf",
-          "mean_rel_l2", "grad_evals_per_example", "attack_seconds", "seconds"]
+VALUES = ["clean_accuracy", "robust_accuracy", "attack_success_rate", "targeted_success_rate", "median_l2",
+          "median_linf", "mean_rel_l2", "grad_evals_per_example", "attack_seconds", "seconds"]
 
 
 def collect(dirs: Iterable[str | Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -58,6 +59,10 @@ def collect(dirs: Iterable[str | Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
     df = pd.DataFrame(rows)
     if len(df) and "eps" in df:
         df["eps"] = pd.to_numeric(df["eps"], errors="coerce")
+    if "targeted" in df and df["targeted"].fillna(False).astype(bool).any():
+        # a targeted cell's numbers mean other things (success: predicted as the target): never pooled
+        df["mode"] = [f"targeted: {t}" if bool(on) else "untargeted"
+                      for on, t in zip(df["targeted"].fillna(False), df.get("target", pd.Series([None] * len(df))))]
     df = _swept_columns(df)
     return df, pd.DataFrame(failed, columns=["run_dir", "error", "overrides"])
 
@@ -87,9 +92,9 @@ def group_keys(df: pd.DataFrame) -> list[str]:
 
 
 def curve_label(values: dict[str, Any], swept: Sequence[str]) -> str:
-    """``attack / defense`` as users name them ("PGD / no defense") and the swept values that tell the curve
-    apart (``attack.steps=10``)."""
-    extra = ", ".join(f"{k}={fmt_number(values[k])}" for k in swept)
+    """``attack / defense`` as users name them ("PGD / no defense"), the mode where some cell ran targeted,
+    and the swept values that tell the curve apart (``attack.steps=10``)."""
+    extra = ", ".join(([str(values["mode"])] if "mode" in values else []) + [f"{k}={fmt_number(values[k])}" for k in swept])
     base = " / ".join(plotstyle.words(values[k]) for k in ("attack", "defense") if values.get(k, "") != "")
     return f"{base} ({extra})" if extra else base
 
@@ -176,7 +181,7 @@ def _plot_seed_spread(df: pd.DataFrame, summ: pd.DataFrame, swept: list[str], pa
         c_mean, c_seed = plotstyle.colors(2)
         if "seed" in df:
             # keyed through fmt_number so a missing epsilon (NaN) matches itself (astype(str) keeps NaN)
-            keys = ["attack", "defense", "norm", "eps", *swept]
+            keys = ["attack", "defense", *(["mode"] if "mode" in summ else []), "norm", "eps", *swept]
             pos = {tuple(fmt_number(r[k]) for k in keys): i for i, r in enumerate(summ.to_dict("records"))}
             px = [pos.get(tuple(fmt_number(r[k]) for k in keys), np.nan) for r in df.to_dict("records")]
             ax.scatter(px, df["robust_accuracy"], s=16, alpha=0.6, color=c_seed, label="Each seed", zorder=2)
@@ -194,7 +199,7 @@ def _plot_seed_spread(df: pd.DataFrame, summ: pd.DataFrame, swept: list[str], pa
 
 def _plots(df: pd.DataFrame, summ: pd.DataFrame, out: Path) -> list[Path]:
     swept = swept_keys(summ)
-    curve = ["attack", "defense", *swept]
+    curve = ["attack", "defense", *(["mode"] if "mode" in summ else []), *swept]
 
     def groups(frame: pd.DataFrame):
         for key, g in frame.groupby(curve, dropna=False):

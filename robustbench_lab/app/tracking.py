@@ -179,6 +179,9 @@ def wandb_safe(df: pd.DataFrame) -> pd.DataFrame:
     rejects the table otherwise. Numeric and single-typed columns are left as they are."""
     out = df.copy()
     for c in out.columns:
+        if isinstance(out[c].dtype, pd.api.extensions.ExtensionDtype) and out[c].isna().any():
+            out[c] = out[c].astype(float)   # a nullable integer column (targets): W&B takes NaN, not pd.NA
+            continue
         if out[c].dtype != object:
             continue
         kinds = {type(v) for v in out[c] if v is not None and not (isinstance(v, float) and v != v)}

@@ -223,7 +223,7 @@ class Attack(abc.ABC):
             with torch.no_grad():
                 adv_pred = model(x_adv).argmax(1)
         # Targeted: predicted as the target (an example labelled as its target can never succeed).
-        fooled = adv_pred != y if target is None else (adv_pred == target) & (target != y)
+        fooled = reached(adv_pred, y, target)
         delta = x_adv - x
         res = AttackResult(x_adv=x_adv, success=fooled.clone(), adv_pred=adv_pred, l2=l2(delta), linf=linf(delta),
                            fooled=fooled, norm=self.norm, n_forward=counting.n_forward,
@@ -249,11 +249,22 @@ class Attack(abc.ABC):
             check_number("attack.eps", eps, low=0, hint="epsilon is in input space ([0, 1] pixels)")
 
 
-def correct_indices(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Indices (K,) of the rows of ``x`` (B, C, H, W) that ``model`` classifies as ``y``: a minimization
-    attack moves only these and returns the others unchanged. One forward pass (counted inside ``run``)."""
+def reached(pred: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
+    """(B,) bool: the attack's goal holds for predictions ``pred`` (B,): misclassified (untargeted), or
+    predicted as ``target`` (B,) (targeted; never where the target is the label)."""
+    return pred != y if target is None else (pred == target) & (target != y)
+
+
+def correct_indices(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                    target: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices (K,) of the rows of ``x`` (B, C, H, W) whose goal does not hold yet: classified as ``y``
+    (untargeted), or, with ``target`` (B,), not predicted as their target and labelled otherwise. A
+    minimization attack moves only these and returns the others unchanged. One forward pass (counted
+    inside ``run``)."""
     with torch.no_grad():
-        return (model(x).argmax(1) == y).nonzero().squeeze(1)
+        pred = model(x).argmax(1)
+    keep = pred == y if target is None else (pred != target) & (target != y)
+    return keep.nonzero().squeeze(1)
 
 
 def margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -52,6 +52,9 @@ class Evaluation:
         for c in ("adv_pred", "l2", "linf", "rel_l2", "rel_linf", "l1", "rel_l1"):
             if c in first:   # the L1 columns exist where an attack's norm is L1
                 out[c] = first[c].reindex(out.index)
+        if "target" in t:    # targeted runs: the target of the attack that broke the point, else of the first
+            aimed = t[t["attacked"]].drop_duplicates("index", keep="first").set_index("index")["target"]
+            out["target"] = first["target"].reindex(out.index).fillna(aimed.reindex(out.index)).astype("Int64")
         return out.reset_index()
 
 
@@ -76,6 +79,7 @@ class AttackOutcome:
     raw_box_violation: float = 0.0
     n_projected: int = 0
     l1: torch.Tensor | None = None    # (N,)
+    target: torch.Tensor | None = None  # (N,) int64, targeted attacks: each attacked point's target, -1 elsewhere
 
     @property
     def robust(self) -> torch.Tensor:
@@ -105,6 +109,7 @@ def attack_points(model: nn.Module, attack: Attack, x: torch.Tensor, y: torch.Te
     x_adv = x.clone()
     adv_pred = torch.zeros(n, dtype=torch.long, device=x.device)
     norms = {k: torch.zeros(n, device=x.device) for k in ("l2", "linf", "l1")}
+    target = torch.full((n,), -1, dtype=torch.long, device=x.device) if attack.targeted else None
     nf = nb = n_nan = n_hvp = n_projected = 0
     ball = box = 0.0
     bar = progress.bar(todo.numel(), attack.name)   # closes itself when the last batch is counted
@@ -126,8 +131,10 @@ def attack_points(model: nn.Module, attack: Attack, x: torch.Tensor, y: torch.Te
         norms["l2"][b] = res.l2
         norms["linf"][b] = res.linf
         norms["l1"][b] = res.l1
+        if target is not None and res.target is not None:
+            target[b] = res.target
     return AttackOutcome(clean_correct, attacked, success, fooled, x_adv, adv_pred, norms["l2"], norms["linf"],
-                         nf, nb, n_nan, n_hvp, ball, box, n_projected, norms["l1"])
+                         nf, nb, n_nan, n_hvp, ball, box, n_projected, norms["l1"], target)
 
 
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Sequence[Attack],
@@ -158,6 +165,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Sequen
     ensemble = bool(attacks) and all(AttackFamily(a.family) == AttackFamily.MINIMIZATION for a in attacks)
     norm_col = attacks[-1].norm.value if ensemble else None
     with_l1 = any(a.norm is Norm.L1 for a in attacks)
+    with_target = any(a.targeted for a in attacks)
     best = torch.full((n,), float("inf"), device=dev)   # ensemble: the smallest successful norm so far
     for order, atk in enumerate(attacks):
         t0 = time.perf_counter()
@@ -181,6 +189,9 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Sequen
         if with_l1:
             cols["l1"] = np.where(attacked, out.l1.cpu().numpy(), np.nan)
             cols["rel_l1"] = np.where(attacked, (out.l1 / l1(x).clamp_min(1e-12)).cpu().numpy(), np.nan)
+        if with_target:   # the class each attacked point was pushed to (missing where not attacked or untargeted)
+            aimed = out.target.cpu().numpy() if out.target is not None else np.full(n, -1)
+            cols["target"] = pd.Series(np.where(attacked & (aimed >= 0), aimed, np.nan)).astype("Int64").array
         nf, nb = out.n_forward, out.n_backward
         seconds[atk.name] = time.perf_counter() - t0
         counts[atk.name] = {"forward": nf, "backward": nb, "hvp": out.n_hvp, "attacked": int(attacked.sum()),
@@ -233,6 +244,7 @@ def summarize(ev: Evaluation, attacks: Sequence[Attack], eps: float | None) -> d
              "mean_rel_l1": float(broken["rel_l1"].mean()) if len(broken) else nan} if "l1" in pe else {}
     return {
         "n_examples": n,
+        **targeted_summary(ev, attacks),
         "clean_accuracy": float(cc.mean()) if n else float("nan"),
         "robust_accuracy": float(ev.robust.float().mean()) if n else float("nan"),
         "attack_success_rate": float(len(broken) / n_cc) if n_cc else float("nan"),
@@ -250,3 +262,27 @@ def summarize(ev: Evaluation, attacks: Sequence[Attack], eps: float | None) -> d
         "attack_seconds": float(sum(ev.attack_seconds.values())),
         "nan_count": int(ev.n_nan),
     }
+
+
+def target_label(attacks: Sequence[Attack]) -> str | None:
+    """The run's target spec as written (``random``, ``least_likely``, a class index; several joined by
+    ``+`` when the attacks differ), or None when no attack is targeted."""
+    specs = list(dict.fromkeys(str(a.target_spec) for a in attacks if a.targeted))
+    return "+".join(specs) if specs else None
+
+
+def targeted_summary(ev: Evaluation, attacks: Sequence[Attack]) -> dict[str, Any]:
+    """Targeted runs only (else {}): the mode, the target spec, and the targeted success rate, the share of
+    the attacked points predicted as their target at the kept adversarial (points labelled as their target
+    are attacked and never succeed); ``n_target_is_label`` counts those."""
+    spec = target_label(attacks)
+    if spec is None:
+        return {}
+    pe = ev.per_example()
+    attacked = ev.table.groupby("index", sort=False)["attacked"].any().reindex(pe["index"]).to_numpy(bool)
+    n_att = int(attacked.sum())
+    broken = pe["broken_by"].notna().to_numpy() & attacked
+    same = (pe["target"].to_numpy(dtype=float, na_value=np.nan) == pe["label"].to_numpy()) & attacked
+    return {"targeted": True, "target": spec,
+            "targeted_success_rate": float(broken.sum() / n_att) if n_att else float("nan"),
+            "n_target_is_label": int(same.sum())}

@@ -123,6 +123,8 @@ def summary_markdown(m: dict[str, Any], extra_sections: list[str] | None = None)
         f"# {m['attack']} vs {m['defense']} on {m['model']} / {m['dataset']}",
         "",
         f"- threat model: {m['norm']}, eps = {f(m['eps'])} (input space, [0, 1] pixels)",
+        *([f"- targeted, target {m['target']}: success means predicted as the target; a point is robust unless "
+           "an attack moved it to its target"] if m.get("targeted") else []),
         f"- evaluated points: {m['n_examples']} (test-set indices in per_example table), seed {m['seed']}",
         "",
         "| metric | value |",
@@ -130,6 +132,8 @@ def summary_markdown(m: dict[str, Any], extra_sections: list[str] | None = None)
         f"| clean accuracy | {f(m['clean_accuracy'], True)} |",
         f"| robust accuracy (all points; worst case over attacks) | {f(m['robust_accuracy'], True)} |",
         f"| attack success rate (among clean-correct points) | {f(m['attack_success_rate'], True)} |",
+        *([f"| targeted success rate (attacked points predicted as their target) | "
+           f"{f(m['targeted_success_rate'], True)} |"] if m.get("targeted") else []),
         f"| median L2 / L-inf of successful perturbations | {f(m['median_l2'])} / {f(m['median_linf'])} |",
         *([f"| median L1 of successful perturbations | {f(m['median_l1'])} |"] if "median_l1" in m else []),
         f"| mean relative L2 perturbation ||d||/||x|| | {f(m['mean_rel_l2'])} |",

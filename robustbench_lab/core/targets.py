@@ -48,7 +48,13 @@ def choose_targets(logits: torch.Tensor, y: torch.Tensor, spec: TargetSpec, stre
     if spec == "random":
         r = streams.integers(0, k - 1)        # uniform over the k - 1 classes other than y
         return r + (r >= y).long()
-    if not isinstance(spec, int) or not 0 <= spec < k:
-        raise ConfigError(key, spec, f"random, least_likely, or a class index in [0, {k - 1}]",
-                          f"the model has {k} classes")
-    return torch.full_like(y, spec)
+    return torch.full_like(y, check_target_class(spec, k, key))
+
+
+def check_target_class(spec: TargetSpec, num_classes: int, key: str = "attack.target") -> TargetSpec:
+    """``spec`` if it names a target on a model of ``num_classes`` classes (a mode, or a class index below
+    it), else a ConfigError naming the range: so a run can fail before any data is read."""
+    if spec not in TARGET_MODES and (not isinstance(spec, int) or not 0 <= spec < num_classes):
+        raise ConfigError(key, spec, f"random, least_likely, or a class index in [0, {num_classes - 1}]",
+                          f"the model has {num_classes} classes")
+    return spec
