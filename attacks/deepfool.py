@@ -64,9 +64,9 @@ class DeepFool(Attack):
         check_number("attack.candidates", candidates, low=2, integer=True,
                      hint="the label and at least one other class")
         check_number("attack.overshoot", overshoot, low=0, high=math.inf, high_open=True)
+        check_number("attack.bisection_steps", bisection_steps, low=0, integer=True, hint="0 turns the bisection off")
         self.steps = int(steps)
         self.candidates = int(candidates)
-        check_number("attack.bisection_steps", bisection_steps, low=0, integer=True, hint="0 turns the bisection off")
         self.overshoot = float(overshoot)
         self.bisection_steps = int(bisection_steps)
 

@@ -1,7 +1,8 @@
 """The trust-region attack step by step against references written here from the method's definition
-(docs/methods.md, section 1), not from its code: the first-order radius rule with both ratios and the fixed
-radius, on a small smooth network; the second-order step against Steihaug's truncated CG run on a Hessian
-computed explicitly, on a network and on given matrices.
+(docs/methods.md, section 1, and the class docstring for the bisection), not from its code: the first-order
+radius rule with both ratios and the fixed radius and the returned boundary point, on a small smooth
+network; the second-order step against Steihaug's truncated CG run on a Hessian computed explicitly, on a
+network and on given matrices.
 
 The attack's per-step values are read by wrapping the instance's step methods; nothing in the attack
 changes. Every check is paired with a count showing that the case it covers occurs in the data.
