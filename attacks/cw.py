@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from attacks.pgd import PGD
-from robustbench_lab.core.attack_base import Attack, AttackFamily, correct_indices, margin_loss
+from robustbench_lab.core.attack_base import Attack, AttackFamily, attacked_rows, margin_loss
 from robustbench_lab.core.errors import check_bool, check_choice, check_number
 from robustbench_lab.core.norms import Norm, flat
 
@@ -96,12 +96,10 @@ class CarliniWagnerL2(Attack):
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | None,
             generator: torch.Generator, target: torch.Tensor | None = None) -> torch.Tensor:
         best = x.clone()
-        idx = correct_indices(model, x, y, target)
+        idx, xs, ys, ts = attacked_rows(model, x, y, target)
         n = idx.numel()
         if n == 0:
             return best
-        xs, ys = x[idx], y[idx]
-        ts = None if target is None else target[idx]
         bshape = (-1,) + (1,) * (x.dim() - 1)
         best_x = xs.clone()
         w0 = torch.atanh((2 * xs - 1) * BOX_SHRINK)

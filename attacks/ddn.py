@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from attacks.fmn import cosine
-from robustbench_lab.core.attack_base import Attack, AttackFamily, correct_indices, reached
+from robustbench_lab.core.attack_base import Attack, AttackFamily, attacked_rows, reached
 from robustbench_lab.core.errors import check_number
 from robustbench_lab.core.norms import Norm, l2
 from robustbench_lab.core.rng import subset
@@ -74,12 +74,10 @@ class DDN(Attack):
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | None,
             generator: torch.Generator, target: torch.Tensor | None = None) -> torch.Tensor:
         best = x.clone()
-        idx = correct_indices(model, x, y, target)
+        idx, x0, y0, t0 = attacked_rows(model, x, y, target)
         if idx.numel() == 0:
             return best
         streams = subset(generator, idx)   # the template hands every attack per-example streams
-        x0, y0 = x[idx], y[idx]
-        t0 = None if target is None else target[idx]
         n = idx.numel()
         shape = (n, *([1] * (x.dim() - 1)))
         xa = x0.clone()

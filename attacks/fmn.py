@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from robustbench_lab.core.attack_base import Attack, AttackFamily, correct_indices, margin_loss, reached
+from robustbench_lab.core.attack_base import Attack, AttackFamily, attacked_rows, margin_loss, reached
 from robustbench_lab.core.errors import ConfigError, check_choice, check_number
 from robustbench_lab.core.norms import Norm, norm_of, normalize_grad, project, project_ball
 
@@ -98,11 +98,9 @@ class FMN(Attack):
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | None,
             generator: torch.Generator, target: torch.Tensor | None = None) -> torch.Tensor:
         best = x.clone()
-        idx = correct_indices(model, x, y, target)
+        idx, x0, y0, t0 = attacked_rows(model, x, y, target)
         if idx.numel() == 0:
             return best
-        x0, y0 = x[idx], y[idx]
-        t0 = None if target is None else target[idx]
         xa = x0.clone()
         worst = norm_of(torch.maximum(x0, 1 - x0), self.norm)          # the farthest point of the box
         best_norm = worst.clone()

@@ -267,6 +267,14 @@ def correct_indices(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     return keep.nonzero().squeeze(1)
 
 
+def attacked_rows(model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The rows a minimization attack moves (``correct_indices``) as (idx (K,), x[idx], y[idx], target[idx] or
+    None)."""
+    idx = correct_indices(model, x, y, target)
+    return idx, x[idx], y[idx], None if target is None else target[idx]
+
+
 def margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per-example CW margin max_{j != y} z_j - z_y (positive once misclassified)."""
     z_y = logits.gather(1, y[:, None]).squeeze(1)
